@@ -1,0 +1,51 @@
+# gsrl: the two commands of the README are `make run` and `make test`; both set up what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: help setup proto run train-long test test-unit test-integration test-e2e lint format clean
+
+help:
+	@echo "make run         train state-based PutCubeOnPlate-v0 locally (configs/state_ppo.yaml; ARGS='key=value ...')"
+	@echo "make train-long  the longer preset that trains to a useful policy (configs/state_ppo_long.yaml)"
+	@echo "make test        lint + unit, integration and e2e tests (gpu tests skip without CUDA)"
+	@echo "make setup       system packages, .venv with CPU torch, generated gRPC code (run by the others)"
+	@echo "make proto       regenerate gsrl/v1 from proto/"
+
+setup:
+	@bash scripts/bootstrap.sh
+
+proto: setup
+	$(PY) -m gsrl.protogen
+
+run: setup
+	$(VENV)/bin/gsrl train -c configs/state_ppo.yaml $(ARGS)
+
+train-long: setup
+	$(VENV)/bin/gsrl train -c configs/state_ppo_long.yaml $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info gsrl/v1/*_pb2*.py gsrl/v1/*_pb2*.pyi

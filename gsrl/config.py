@@ -1,0 +1,427 @@
+"""One typed run config for every role, loaded from YAML with dotted command-line overrides.
+
+A run is described by one YAML file (on a cluster: one ConfigMap) that all roles read. It loads
+into frozen dataclasses and is validated at start-up, so a typo or an out-of-range value fails
+before any process is spawned, with an error that names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range; ``key`` is its dotted path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the run is called, where it writes and how long it lasts."""
+
+    name: str = "state-ppo"
+    output_dir: str = "runs"
+    # Wall-clock budget of `gsrl train` in seconds; 0 = until max_updates or Ctrl-C.
+    duration_s: float = 300.0
+    # Stop after this many learner updates; 0 = no limit.
+    max_updates: int = 0
+    seed: int = 0
+    log_every_s: float = 10.0
+
+    def validate(self, key: str) -> None:
+        _require(self.name.strip() != "", f"{key}.name", "must not be empty")
+        _require(self.duration_s >= 0, f"{key}.duration_s", "must be >= 0")
+        _require(self.max_updates >= 0, f"{key}.max_updates", "must be >= 0")
+        _require(self.log_every_s > 0, f"{key}.log_every_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where the trajectory stream lives and how long it may grow."""
+
+    host: str = "127.0.0.1"
+    # 0 = pick a free port (only with start_local).
+    port: int = 0
+    db: int = 0
+    # `gsrl train` starts its own redis-server in the run directory.
+    start_local: bool = True
+    key_prefix: str = "gsrl"
+    stream: str = "segments"
+    group: str = "learners"
+    # Producers wait (back-pressure) while this many segments are unacknowledged in the stream.
+    max_stream_len: int = 512
+
+    def validate(self, key: str) -> None:
+        _require(0 <= self.port <= 65535, f"{key}.port", "must be a TCP port (0-65535)")
+        _require(self.port != 0 or self.start_local, f"{key}.port", "must be set when start_local is false")
+        _require(self.max_stream_len >= 1, f"{key}.max_stream_len", "must be >= 1")
+        _require(self.key_prefix != "", f"{key}.key_prefix", "must not be empty")
+
+    @property
+    def stream_key(self) -> str:
+        return f"{self.key_prefix}:{self.stream}"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The ManiSkill task every env server runs."""
+
+    id: str = "PutCubeOnPlate-v0"
+    control_mode: str = "pd_ee_target_delta_pose"
+    obs_mode: str = "state"
+    # sparse | dense | normalized_dense | none
+    reward_mode: str = "normalized_dense"
+    max_episode_steps: int = 50
+    sim_freq: int = 100
+    control_freq: int = 20
+    # strict (cube resting on the plate, released) | rlinf (RLinf's test, for comparable curves)
+    success_mode: str = "strict"
+
+    def validate(self, key: str) -> None:
+        _require(self.control_mode in CONTROL_MODES, f"{key}.control_mode", f"must be one of {CONTROL_MODES}")
+        _require(self.obs_mode in OBS_MODES, f"{key}.obs_mode", f"must be one of {OBS_MODES}")
+        _require(self.reward_mode in REWARD_MODES, f"{key}.reward_mode", f"must be one of {REWARD_MODES}")
+        _require(self.success_mode in SUCCESS_MODES, f"{key}.success_mode", f"must be one of {SUCCESS_MODES}")
+        _require(self.max_episode_steps >= 1, f"{key}.max_episode_steps", "must be >= 1")
+        _require(self.control_freq >= 1, f"{key}.control_freq", "must be >= 1")
+        _require(
+            self.sim_freq >= self.control_freq and self.sim_freq % self.control_freq == 0,
+            f"{key}.sim_freq",
+            f"must be a multiple of control_freq ({self.control_freq})",
+        )
+
+
+CONTROL_MODES = ("pd_ee_target_delta_pose", "pd_ee_delta_pose", "pd_joint_delta_pos", "pd_joint_pos")
+OBS_MODES = ("state", "state_dict")
+REWARD_MODES = ("sparse", "dense", "normalized_dense", "none")
+SUCCESS_MODES = ("strict", "rlinf")
+
+
+@dataclass(frozen=True)
+class EnvServerConfig:
+    """One env server process runs `num_envs` environments and streams to one policy server."""
+
+    num_envs: int = 4
+    # How many env server processes `gsrl train` starts (on a cluster: the Deployment's replicas).
+    num_servers: int = 2
+    policy_address: str = "127.0.0.1:50051"
+    # First metrics port; server i uses metrics_port + i. 0 = no metrics endpoint.
+    metrics_port: int = 9201
+    reconnect_backoff_s: float = 1.0
+    max_reconnect_backoff_s: float = 30.0
+
+    def validate(self, key: str) -> None:
+        _require(self.num_envs >= 1, f"{key}.num_envs", "must be >= 1")
+        _require(self.num_servers >= 0, f"{key}.num_servers", "must be >= 0")
+        _require(":" in self.policy_address, f"{key}.policy_address", "must be host:port")
+        _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
+        _require(self.reconnect_backoff_s > 0, f"{key}.reconnect_backoff_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which policy the policy servers run and the learners train."""
+
+    # gaussian_mlp (state observations); the VLA comes in its own issue.
+    kind: str = "gaussian_mlp"
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    action_chunk: int = 1
+    init_log_std: float = -0.5
+    obs_norm: bool = True
+
+    def validate(self, key: str) -> None:
+        _require(self.kind in POLICY_KINDS, f"{key}.kind", f"must be one of {POLICY_KINDS}")
+        _require(len(self.hidden_sizes) >= 1, f"{key}.hidden_sizes", "needs at least one layer")
+        _require(all(h >= 1 for h in self.hidden_sizes), f"{key}.hidden_sizes", "sizes must be >= 1")
+        _require(self.action_chunk >= 1, f"{key}.action_chunk", "must be >= 1")
+
+    def kwargs(self) -> dict[str, Any]:
+        """Constructor arguments for ``gsrl.policy.build_policy`` beyond kind/spec/dims."""
+        return {"hidden_sizes": self.hidden_sizes, "init_log_std": self.init_log_std, "obs_norm": self.obs_norm}
+
+
+POLICY_KINDS = ("gaussian_mlp",)
+
+
+@dataclass(frozen=True)
+class PolicyServerConfig:
+    """Batched inference and trajectory segment assembly."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Inference batches at most this many observations (rows), waiting at most max_wait_ms to fill one.
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    # Transitions (action chunks) per trajectory segment.
+    segment_length: int = 16
+    metrics_port: int = 9101
+    device: str = "cpu"
+    num_servers: int = 1
+
+    def validate(self, key: str) -> None:
+        _require(1 <= self.port <= 65535, f"{key}.port", "must be a TCP port (1-65535)")
+        _require(self.max_batch_size >= 1, f"{key}.max_batch_size", "must be >= 1")
+        _require(self.max_wait_ms >= 0, f"{key}.max_wait_ms", "must be >= 0")
+        _require(self.segment_length >= 1, f"{key}.segment_length", "must be >= 1")
+        _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
+        _require(self.num_servers >= 1, f"{key}.num_servers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """PPO hyper-parameters (names as in CleanRL / RLinf)."""
+
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_ratio: float = 0.2
+    # <= 0 disables value clipping.
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    lr: float = 3e-4
+    max_grad_norm: float = 1.0
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    normalize_advantages: bool = True
+    # Stop the epochs early when approx_kl exceeds it; 0 = never.
+    target_kl: float = 0.0
+    # Segments whose policy_version is more than this many versions behind the learner are dropped.
+    max_policy_lag: int = 2
+
+    def validate(self, key: str) -> None:
+        _require(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]")
+        _require(0 <= self.gae_lambda <= 1, f"{key}.gae_lambda", "must be in [0, 1]")
+        _require(self.clip_ratio > 0, f"{key}.clip_ratio", "must be > 0")
+        _require(self.value_coef >= 0, f"{key}.value_coef", "must be >= 0")
+        _require(self.entropy_coef >= 0, f"{key}.entropy_coef", "must be >= 0")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(self.max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
+        _require(self.update_epochs >= 1, f"{key}.update_epochs", "must be >= 1")
+        _require(self.num_minibatches >= 1, f"{key}.num_minibatches", "must be >= 1")
+        _require(self.target_kl >= 0, f"{key}.target_kl", "must be >= 0")
+        _require(self.max_policy_lag >= 0, f"{key}.max_policy_lag", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """DeepSpeed ranks, checkpoints and the weight broadcast."""
+
+    # DeepSpeed ranks (processes); `gsrl train` starts them with torchrun semantics.
+    world_size: int = 1
+    zero_stage: int = 1
+    # Segments each rank consumes per update.
+    segments_per_update: int = 32
+    # auto = nccl with CUDA, gloo without.
+    backend: str = "auto"
+    device: str = "auto"
+    bf16: bool = False
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 3
+    resume: bool = True
+    metrics_port: int = 9301
+    master_port: int = 29500
+    # Port of the weight-broadcast TCPStore (rank 0); 0 = pick a free one and advertise it in Redis.
+    broadcast_port: int = 0
+    advertise_host: str = "127.0.0.1"
+    broadcast_timeout_s: float = 60.0
+    # How long a rank waits for a full batch before logging that it is starved.
+    read_block_ms: int = 2000
+
+    def validate(self, key: str) -> None:
+        _require(self.world_size >= 1, f"{key}.world_size", "must be >= 1")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
+        _require(self.segments_per_update >= 1, f"{key}.segments_per_update", "must be >= 1")
+        _require(self.backend in ("auto", "gloo", "nccl"), f"{key}.backend", "must be auto, gloo or nccl")
+        _require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0 = never)")
+        _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+        _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
+        _require(self.broadcast_timeout_s > 0, f"{key}.broadcast_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: every role reads the section it needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    env_server: EnvServerConfig = field(default_factory=EnvServerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        algo, learner, ps = self.algo, self.learner, self.policy_server
+        samples = learner.segments_per_update * ps.segment_length
+        _require(
+            samples >= algo.num_minibatches,
+            "algo.num_minibatches",
+            f"must be <= segments_per_update * segment_length ({samples})",
+        )
+        _require(
+            algo.target_kl == 0 or learner.world_size == 1,
+            "algo.target_kl",
+            "early stopping on KL needs learner.world_size == 1 (ranks must run the same number of steps)",
+        )
+        needed = 2 * learner.world_size * learner.segments_per_update
+        _require(
+            self.redis.max_stream_len >= needed,
+            "redis.max_stream_len",
+            f"must be >= 2 * learner.world_size * learner.segments_per_update ({needed}), or producers and "
+            "learners wait on each other",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def with_overrides(self, overrides: Iterable[str]) -> Config:
+        data = self.to_dict()
+        for item in overrides:
+            apply_override(data, item)
+        return from_dict(data)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's type; ints widen to floats, lists become tuples."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(key, f"{value!r} matches none of {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(key, f"expected null, got {value!r}")
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported field type {annotation}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(key, f"unknown key{hint}; valid keys: {', '.join(names)}")
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, annotation, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a Config; unknown keys and bad values raise ConfigError naming the key."""
+    return _build(Config, data or {}, "").validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"algo.clip_ratio=0.1"`` -> ``("algo.clip_ratio", 0.1)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(item, "override must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(item, "override has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    key, value = parse_override(item)
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: depth + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML run config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("<file>", f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(data)
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    """Write the effective config (defaults filled in) so a run directory says exactly what ran."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

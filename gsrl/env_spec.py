@@ -1,0 +1,71 @@
+"""What a task's observations and actions look like, read off one real environment.
+
+The policy server and the learner must build the same model as the env servers feed; asking
+the task itself (one CPU env, created and closed) keeps the three in agreement without a
+hand-written table of dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gsrl.config import TaskConfig
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    # key -> (per-env shape, torch dtype name), e.g. {"state": ((42,), "float32")}
+    observation_spec: dict[str, tuple[tuple[int, ...], str]]
+    action_dim: int
+    instruction: str
+
+
+def flatten_observation(obs: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested observation dicts -> flat ``{"agent/qpos": array}``; a bare array becomes ``{"state": array}``."""
+    if not isinstance(obs, Mapping):
+        return {prefix or "state": obs}
+    flat: dict[str, Any] = {}
+    for key, value in obs.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        flat.update(flatten_observation(value, name) if isinstance(value, Mapping) else {name: value})
+    return flat
+
+
+def _dtype_name(value: Any) -> str:
+    dtype = np.asarray(value.cpu() if hasattr(value, "cpu") else value).dtype
+    if dtype.kind == "f":
+        return "float32"
+    return {"b": "bool", "u": "uint8"}.get(dtype.kind, "int64" if dtype.itemsize == 8 else "int32")
+
+
+def probe_env_spec(task: TaskConfig) -> EnvSpec:
+    """Create one env of ``task``, reset it, and read the observation layout and action size."""
+    import gymnasium as gym
+
+    import gsrl.tasks  # noqa: F401  (registers the tasks)
+
+    env = gym.make(
+        task.id,
+        num_envs=1,
+        obs_mode=task.obs_mode,
+        control_mode=task.control_mode,
+        reward_mode=task.reward_mode,
+        sim_backend="physx_cpu",
+        render_mode=None,
+    )
+    try:
+        obs, _info = env.reset(seed=0)
+        flat = flatten_observation(obs)
+        spec = {k: (tuple(int(d) for d in np.shape(v)[1:]), _dtype_name(v)) for k, v in flat.items()}
+        action_dim = int(env.action_space.shape[-1])
+        base = env.unwrapped
+        instruction = ""
+        if hasattr(base, "get_language_instruction"):
+            instruction = base.get_language_instruction()[0]
+    finally:
+        env.close()
+    return EnvSpec(observation_spec=spec, action_dim=action_dim, instruction=instruction)

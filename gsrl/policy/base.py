@@ -1,0 +1,93 @@
+"""The policy interface that policy servers (``act``) and learners (``evaluate_actions``) call.
+
+A policy maps a batch of observations (a dict of tensors, keys and shapes from the task's
+observation spec) plus optional language instructions to an action chunk ``[B, C, A]`` in the
+normalized action space, the log-probability of the whole chunk (one PPO ratio per chunk, RLinf's
+``chunk_level``), and a chunk-level value estimate V(s). Policies are built by name from a registry
+so the config selects one without the services importing model code they do not use.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+# One entry per observation key: (shape without the batch dim, dtype name such as "float32" or "uint8").
+ObservationSpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass
+class PolicyOutput:
+    """What ``Policy.act`` returns for a batch of B observations (float32, no grad)."""
+
+    action_chunk: Tensor  # [B, C, A]
+    logprobs: Tensor  # [B] log-prob of the whole chunk (sum over C and A)
+    values: Tensor  # [B]
+
+
+class Policy(nn.Module, abc.ABC):
+    """Base class of every policy; ``action_chunk`` = C actions per step, ``action_dim`` = A."""
+
+    action_dim: int
+    action_chunk: int
+
+    @abc.abstractmethod
+    def act(
+        self,
+        observations: dict[str, Tensor],
+        instructions: list[str] | None = None,
+        deterministic: bool = False,
+    ) -> PolicyOutput:
+        """Sample (or, if ``deterministic``, take the mode of) an action chunk per observation. No grad."""
+
+    @abc.abstractmethod
+    def evaluate_actions(
+        self,
+        observations: dict[str, Tensor],
+        action_chunk: Tensor,
+        instructions: list[str] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(logprobs [B], entropy [B], values [B]) of given chunks [B, C, A] under the current weights, with grad."""
+
+    @abc.abstractmethod
+    def value(self, observations: dict[str, Tensor], instructions: list[str] | None = None) -> Tensor:
+        """V(s) [B], no grad (bootstrap values at segment ends and truncations)."""
+
+
+PolicyFactory = Callable[..., Policy]
+
+# Lazy "module:attribute" entries keep heavy model code (the VLA, transformers) unimported until asked for.
+_REGISTRY: dict[str, str | PolicyFactory] = {
+    "gaussian_mlp": "gsrl.policy.gaussian_mlp:GaussianMLPPolicy",
+}
+
+
+def register_policy(kind: str, factory: str | PolicyFactory) -> None:
+    """Add a policy kind: a callable ``(observation_spec, action_dim, action_chunk, **kwargs) -> Policy``
+    or a lazy ``"package.module:Name"`` string."""
+    _REGISTRY[kind] = factory
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_policy(
+    kind: str,
+    observation_spec: ObservationSpec,
+    action_dim: int,
+    action_chunk: int,
+    **kwargs: object,
+) -> Policy:
+    """Build a policy by registry name; ``kwargs`` are the kind's own options (hidden sizes, ...)."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown policy kind {kind!r}; known: {available_policies()}")
+    factory = _REGISTRY[kind]
+    if isinstance(factory, str):
+        module_name, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+    return factory(observation_spec, action_dim=action_dim, action_chunk=action_chunk, **kwargs)

@@ -1,0 +1,782 @@
+"""Versioned weight broadcast from learner rank 0 to the policy servers.
+
+The broadcast group is not DeepSpeed's world: the publisher (learner rank 0) hosts its own ``TCPStore`` and builds a
+``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (GPU) directly over a ``PrefixStore`` that names the group
+generation, as veRL, OpenRLHF and vLLM do for weight sync; ``init_process_group`` is never called, so the learner's
+default group is untouched. Rank 0 is the publisher, ranks 1..N are the policy servers in sorted id order.
+
+Redis holds the control state (keys under ``{key_prefix}:weights:``):
+
+- ``subscribers``: sorted set ``{id}@{incarnation}`` -> last heartbeat (Redis server clock, so pod clocks never
+  matter). The incarnation (random per ``start``) makes a restart under the same id, a pod name say, a membership
+  change, so the group is rebuilt instead of broadcasting to a rank whose process is gone.
+- ``generation``: counter; ``group``: JSON of the current generation {generation, host, port, members, backend}.
+- ``announce``: ``"{generation}:{messages sent}"``. A subscriber posts a receive only for an announced message. Gloo
+  cannot cancel a posted receive (``abort``/``shutdown``/``del`` all wait for it to time out), so a subscriber that
+  sat in a receive between publishes could neither stop promptly nor notice that its group was replaced.
+- ``version``, ``snapshot:meta`` + ``snapshot:{version}:{i}``: the latest weights as safetensors bytes (no pickle),
+  in chunks because a Redis string holds at most 512 MiB, written in one MULTI so readers never see a torn snapshot.
+
+A publish reads the live set; if it differs from the group's members the publisher moves to a new generation
+(two-phase: each member sets ``joined/{rank}`` in the store, then the publisher sets ``commit`` to ``go`` or
+``abort``), so a member that died but still looks live costs at most ``timeout_s`` and is left out, never a hang.
+Each message is a header (int64), a bucket descriptor, then the buckets: tensors grouped by dtype into flat buffers
+of at most ``bucket_bytes`` (one tensor larger than that gets its own), sent as bytes so every dtype works on
+gloo and NCCL alike. The subscriber checks the layout hash against its template and refuses a mismatch (it still
+receives the bytes, so the group stays in step).
+
+NCCL: by default PyTorch tears the process down when a NCCL collective times out
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``); entry points that use ``backend="nccl"`` should set it to ``2`` so a dead
+policy server costs one failed publish instead of the learner.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+HEADER_MAGIC = 0x6773726C  # "gsrl"
+# magic, generation, sequence, version, num_buckets, layout_hash, flags (reserved, 0), bucket_bytes
+HEADER_LEN = 8
+# Wire codes for dtypes: the position in this tuple. Append only; never reorder.
+WIRE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+)  # fmt: skip
+SNAPSHOT_CHUNK_BYTES = 256 << 20
+_POLL_S = 0.02
+
+
+# ---------------------------------------------------------------- layout and buckets (pure functions)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What must agree between publisher and subscriber for one tensor: name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One flat buffer of a single dtype; ``specs`` are laid out back to back in order."""
+
+    dtype: torch.dtype
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(spec.numel for spec in self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    """Specs sorted by name, so insertion order never changes the wire layout. Meta tensors are fine."""
+    layout = tuple(TensorSpec(name, tuple(t.shape), t.dtype) for name, t in sorted(state_dict.items()))
+    for spec in layout:
+        if spec.dtype not in WIRE_DTYPES:
+            raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which the weight broadcast does not carry")
+    return layout
+
+
+def layout_hash(layout: Sequence[TensorSpec]) -> int:
+    """A 63-bit digest of names, shapes and dtypes (fits the int64 header, never negative)."""
+    digest = hashlib.sha256()
+    for spec in layout:
+        digest.update(f"{spec.name}|{','.join(map(str, spec.shape))}|{spec.dtype}\n".encode())
+    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def plan_buckets(layout: Sequence[TensorSpec], bucket_bytes: int) -> tuple[Bucket, ...]:
+    """Group by dtype (in wire-code order), then pack in name order up to ``bucket_bytes`` per bucket.
+
+    Deterministic in (layout, bucket_bytes), so the subscriber rebuilds the same plan from its template and the
+    header's ``bucket_bytes``; only the sizes travel (in the descriptor) so a mismatched subscriber can still drain.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    for dtype in WIRE_DTYPES:
+        current: list[TensorSpec] = []
+        current_bytes = 0
+        for spec in (s for s in layout if s.dtype == dtype):
+            size = spec.numel * _itemsize(dtype)
+            if current and current_bytes + size > bucket_bytes:
+                buckets.append(Bucket(dtype, tuple(current)))
+                current, current_bytes = [], 0
+            current.append(spec)
+            current_bytes += size
+        if current:
+            buckets.append(Bucket(dtype, tuple(current)))
+    return tuple(buckets)
+
+
+def bucket_descriptor(buckets: Sequence[Bucket]) -> torch.Tensor:
+    """``[num_buckets, 2]`` int64 of (wire dtype code, numel): enough to receive without knowing the layout."""
+    rows = [[WIRE_DTYPES.index(b.dtype), b.numel] for b in buckets]
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
+
+
+def flatten_bucket(bucket: Bucket, state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Copy the bucket's tensors into one new flat buffer on ``device`` (detached; any source device)."""
+    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+    offset = 0
+    for spec in bucket.specs:
+        flat[offset : offset + spec.numel].copy_(state_dict[spec.name].detach().reshape(-1))
+        offset += spec.numel
+    return flat
+
+
+def unflatten_bucket(bucket: Bucket, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` shaped as the specs; they share ``flat``'s memory, so hand out a fresh ``flat`` each time."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for spec in bucket.specs:
+        out[spec.name] = flat[offset : offset + spec.numel].view(spec.shape)
+        offset += spec.numel
+    return out
+
+
+def _as_bytes(flat: torch.Tensor) -> torch.Tensor:
+    """Gloo rejects some dtypes (int16, float8); every backend carries uint8, and a 1-D contiguous view is free."""
+    return flat.view(torch.uint8)
+
+
+# ---------------------------------------------------------------- Redis keys and the snapshot
+
+
+class _Keys:
+    def __init__(self, key_prefix: str) -> None:
+        base = f"{key_prefix}:weights"
+        self.subscribers = f"{base}:subscribers"
+        self.generation = f"{base}:generation"
+        self.group = f"{base}:group"
+        self.announce = f"{base}:announce"
+        self.version = f"{base}:version"
+        self.snapshot_meta = f"{base}:snapshot:meta"
+        self.snapshot_chunk = f"{base}:snapshot:{{version}}:{{index}}"
+        self.store_prefix = f"{key_prefix}/weights/gen{{generation}}/"
+
+
+def _redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6
+
+
+def write_snapshot(
+    client: redis.Redis,
+    key_prefix: str,
+    state_dict: Mapping[str, torch.Tensor],
+    version: int,
+    chunk_bytes: int = SNAPSHOT_CHUNK_BYTES,
+) -> int:
+    """Store the weights as safetensors bytes in one MULTI (chunks + meta + version); returns the bytes written.
+
+    The previous version's chunks expire after a minute instead of vanishing, so a reader that fetched the old meta
+    can still finish.
+    """
+    keys = _Keys(key_prefix)
+    # copy=True: safetensors refuses tensors that share storage (tied weights, views).
+    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state_dict.items()}
+    blob = safetensors.torch.save(cpu, metadata={"version": str(version)})
+    chunks = [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)] or [b""]
+    previous = client.get(keys.snapshot_meta)
+    meta = {"version": version, "chunks": len(chunks), "nbytes": len(blob)}
+    with client.pipeline(transaction=True) as pipe:
+        for index, chunk in enumerate(chunks):
+            pipe.set(keys.snapshot_chunk.format(version=version, index=index), chunk)
+        pipe.set(keys.snapshot_meta, json.dumps(meta))
+        pipe.set(keys.version, version)
+        old = json.loads(previous) if previous is not None else None
+        if old is not None and int(old["version"]) != version:
+            for index in range(int(old["chunks"])):
+                pipe.expire(keys.snapshot_chunk.format(version=old["version"], index=index), 60)
+        pipe.execute()
+    return len(blob)
+
+
+def read_snapshot(client: redis.Redis, key_prefix: str) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The latest snapshot as CPU tensors and its version, or None if there is none."""
+    keys = _Keys(key_prefix)
+    for _ in range(3):  # a publisher may replace the snapshot between our two reads; then read the new one
+        raw_meta = client.get(keys.snapshot_meta)
+        if raw_meta is None:
+            return None
+        meta = json.loads(raw_meta)
+        with client.pipeline(transaction=True) as pipe:
+            for index in range(int(meta["chunks"])):
+                pipe.get(keys.snapshot_chunk.format(version=meta["version"], index=index))
+            chunks = pipe.execute()
+        if all(chunk is not None for chunk in chunks):
+            return safetensors.torch.load(b"".join(chunks)), int(meta["version"])
+    return None
+
+
+# ---------------------------------------------------------------- process groups
+
+
+@dataclass
+class _Group:
+    generation: int
+    members: tuple[str, ...]
+    pg: dist.ProcessGroup
+    store: dist.Store
+    sent: int = 0  # messages announced in this generation
+    broken: bool = field(default=False)
+
+    def close(self) -> None:
+        """NCCL wants ``abort`` after a failure and ``shutdown`` otherwise; gloo accepts both."""
+        try:
+            if self.broken:
+                self.pg.abort()
+            else:
+                self.pg.shutdown()
+        except Exception as exc:  # noqa: BLE001 - teardown of a broken group may fail in many ways
+            logger.debug("closing weight group %d: %s", self.generation, exc)
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def _new_process_group(
+    backend: str, store: dist.Store, rank: int, size: int, timeout_s: float, gloo_hostname: str | None
+) -> dist.ProcessGroup:
+    """Construct the backend directly (no ``init_process_group``: the learner already has DeepSpeed's world)."""
+    timeout = _timedelta(timeout_s)
+    if backend == "gloo":
+        if gloo_hostname is None:  # default device: GLOO_SOCKET_IFNAME, else the address of this host's name
+            return dist.ProcessGroupGloo(store, rank, size, timeout)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=gloo_hostname)]
+        return dist.ProcessGroupGloo(store, rank, size, options)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    options.is_high_priority_stream = False
+    return dist.ProcessGroupNCCL(store, rank, size, options)
+
+
+def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor, timeout_s: float) -> None:
+    """Broadcast from rank 0 and block the CPU until done (NCCL: ``wait(timeout)`` blocks instead of enqueueing)."""
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    options.rootTensor = 0
+    options.timeout = _timedelta(timeout_s)
+    pg.broadcast([tensor], options).wait(_timedelta(timeout_s))
+
+
+def _check_backend(backend: str, device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ValueError("backend 'nccl' needs a CUDA build of torch")
+    if (backend == "nccl") != (device.type == "cuda"):
+        raise ValueError(
+            f"backend {backend!r} needs {'a cuda' if backend == 'nccl' else 'the cpu'} device, got {device}"
+        )
+    return device
+
+
+# ---------------------------------------------------------------- publisher
+
+
+@dataclass(frozen=True)
+class PublishStats:
+    """``bytes`` is the payload of one broadcast (not times subscribers); ``error`` says why a broadcast was skipped."""
+
+    version: int
+    num_subscribers: int
+    bytes: int
+    seconds: float
+    rebuilt: bool
+    generation: int | None = None
+    snapshot_bytes: int = 0
+    error: str | None = None
+
+
+class WeightPublisher:
+    """Learner rank 0 only. ``publish`` never raises for a subscriber's failure: it reports it and moves on."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        *,
+        key_prefix: str = "gsrl",
+        bind_host: str = "0.0.0.0",
+        advertise_host: str = "127.0.0.1",
+        port: int = 0,
+        backend: str = "gloo",
+        device: str | torch.device = "cpu",
+        bucket_bytes: int = 64 << 20,
+        timeout_s: float = 60.0,
+        subscriber_ttl_s: float = 10.0,
+        snapshot_every: int = 1,
+        gloo_hostname: str | None = None,
+    ) -> None:
+        self._redis = redis_client
+        self._key_prefix = key_prefix
+        self._keys = _Keys(key_prefix)
+        self._advertise_host = advertise_host
+        self._backend = backend
+        self._device = _check_backend(backend, device)
+        self._bucket_bytes = int(bucket_bytes)
+        self._timeout_s = float(timeout_s)
+        self._ttl_s = float(subscriber_ttl_s)
+        self._snapshot_every = int(snapshot_every)  # 0 = never
+        self._gloo_hostname = gloo_hostname
+        self._group: _Group | None = None
+        self._excluded: dict[str, float] = {}  # id -> Redis time until which it is left out (failed to join)
+        self._last_version: int | None = None
+        self._publishes = 0
+        self._closed = False
+        # Our own listening socket, so bind_host is honoured (TCPStore alone binds every interface).
+        listener = socket.create_server((bind_host, port), backlog=1024)
+        self.port = int(listener.getsockname()[1])
+        try:
+            self._store = dist.TCPStore(
+                bind_host,
+                self.port,
+                is_master=True,
+                timeout=_timedelta(self._timeout_s),
+                wait_for_workers=False,
+                master_listen_fd=listener.fileno(),
+            )
+        except Exception:
+            listener.close()
+            raise
+        listener.detach()  # the store owns the descriptor now
+        logger.info(
+            "weight publisher: store on %s:%d (advertised %s), backend %s",
+            bind_host,
+            self.port,
+            advertise_host,
+            backend,
+        )
+
+    @property
+    def generation(self) -> int | None:
+        return self._group.generation if self._group else None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Subscriber ids in the current group, in rank order (rank 1 first)."""
+        return tuple(m.rsplit("@", 1)[0] for m in self._group.members) if self._group else ()
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> PublishStats:
+        """Broadcast ``state_dict`` as ``version`` to the live policy servers and snapshot it to Redis.
+
+        Blocks for the transfer; bounded by about ``timeout_s`` per failing step (join, each bucket). Versions must
+        increase: subscribers ignore anything not newer than what they hold.
+        """
+        if self._closed:
+            raise RuntimeError("publish() after close()")
+        if self._last_version is not None and version <= self._last_version:
+            raise ValueError(f"version {version} is not newer than the last published {self._last_version}")
+        start = time.perf_counter()
+        layout = tensor_layout(state_dict)
+        buckets = plan_buckets(layout, self._bucket_bytes)
+        error: str | None = None
+        rebuilt = False
+        sent_to, payload = 0, 0
+        try:
+            live = self._live_members()
+            if self._group is None or list(self._group.members) != live:
+                self._drop_group()
+                if live:
+                    self._group = self._rebuild(live)
+                    rebuilt = self._group is not None
+                    if self._group is None:
+                        error = f"could not form a broadcast group with {live}"
+            if self._group is not None:
+                payload = self._send(self._group, state_dict, version, layout_hash(layout), buckets)
+                sent_to = len(self._group.members)
+        except Exception as exc:  # noqa: BLE001 - gloo/NCCL/Redis raise errors of all kinds; training goes on
+            error = f"broadcast failed: {exc}"
+            logger.warning("weights v%d: %s; the group is rebuilt at the next publish", version, error)
+            if self._group is not None:
+                self._group.broken = True
+                self._drop_group()
+        snapshot_bytes = 0
+        self._publishes += 1
+        try:
+            if self._snapshot_every and (self._publishes - 1) % self._snapshot_every == 0:
+                snapshot_bytes = write_snapshot(self._redis, self._key_prefix, state_dict, version)
+            else:
+                self._redis.set(self._keys.version, version)
+        except redis.RedisError as exc:
+            error = error or f"snapshot failed: {exc}"
+            logger.warning("weights v%d: snapshot to Redis failed: %s", version, exc)
+        self._last_version = version
+        return PublishStats(
+            version=version,
+            num_subscribers=sent_to,
+            bytes=payload,
+            seconds=time.perf_counter() - start,
+            rebuilt=rebuilt,
+            generation=self.generation,
+            snapshot_bytes=snapshot_bytes,
+            error=error,
+        )
+
+    def close(self) -> None:
+        """Leave the group and tell subscribers (via ``announce``) that it is gone; the store closes with us."""
+        if self._closed:
+            return
+        self._drop_group()
+        try:
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._keys.group)
+                pipe.set(self._keys.announce, "0:0")
+                pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("weight publisher close: %s", exc)
+        self._closed = True
+        self._store = None  # type: ignore[assignment]
+
+    def _live_members(self) -> list[str]:
+        """Subscribers whose heartbeat is within the TTL, minus those recently failing to join; stale ones pruned."""
+        now = _redis_now(self._redis)
+        self._redis.zremrangebyscore(self._keys.subscribers, "-inf", now - self._ttl_s)
+        ids = [m.decode() for m in self._redis.zrangebyscore(self._keys.subscribers, now - self._ttl_s, "+inf")]
+        self._excluded = {m: until for m, until in self._excluded.items() if until > now}
+        return sorted(m for m in ids if m not in self._excluded)
+
+    def _rebuild(self, members: list[str]) -> _Group | None:
+        """Form a new generation; members that do not join in time are left out for a TTL and we retry once."""
+        for _ in range(2):
+            try:
+                group, missing = self._try_generation(members)
+            except Exception as exc:  # noqa: BLE001 - a member died between join and construction
+                logger.warning("weight group construction failed: %s", exc)
+                return None
+            if group is not None:
+                return group
+            until = _redis_now(self._redis) + self._ttl_s
+            self._excluded.update({m: until for m in missing})
+            logger.warning(
+                "weight subscribers %s did not join within %.1fs; leaving them out", missing, self._timeout_s
+            )
+            members = [m for m in members if m not in missing]
+            if not members:
+                return None
+        return None
+
+    def _try_generation(self, members: list[str]) -> tuple[_Group | None, list[str]]:
+        generation = int(self._redis.incr(self._keys.generation))
+        info = {
+            "generation": generation,
+            "host": self._advertise_host,
+            "port": self.port,
+            "members": members,
+            "backend": self._backend,
+        }
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.group, json.dumps(info))
+            pipe.set(self._keys.announce, f"{generation}:0")
+            pipe.execute()
+        store = dist.PrefixStore(self._keys.store_prefix.format(generation=generation), self._store)
+        pending = set(range(1, len(members) + 1))
+        deadline = time.monotonic() + self._timeout_s
+        while pending and time.monotonic() < deadline:
+            pending = {rank for rank in pending if not store.check([f"joined/{rank}"])}
+            if pending:
+                time.sleep(_POLL_S / 2)
+        if pending:
+            store.set("commit", "abort")
+            return None, [members[rank - 1] for rank in sorted(pending)]
+        store.set("commit", "go")
+        pg = _new_process_group(
+            self._backend, dist.PrefixStore("pg/", store), 0, len(members) + 1, self._timeout_s, self._gloo_hostname
+        )
+        logger.info("weight group generation %d: %s", generation, members)
+        return _Group(generation, tuple(members), pg, store), []
+
+    def _send(
+        self,
+        group: _Group,
+        state_dict: Mapping[str, torch.Tensor],
+        version: int,
+        digest: int,
+        buckets: Sequence[Bucket],
+    ) -> int:
+        sequence = group.sent + 1
+        self._redis.set(self._keys.announce, f"{group.generation}:{sequence}")
+        group.sent = sequence  # only once announced: subscribers count the same messages we do
+        header = [HEADER_MAGIC, group.generation, sequence, version, len(buckets), digest, 0, self._bucket_bytes]
+        _broadcast(group.pg, torch.tensor(header, dtype=torch.int64, device=self._device), self._timeout_s)
+        if buckets:
+            _broadcast(group.pg, bucket_descriptor(buckets).to(self._device), self._timeout_s)
+        payload = 0
+        for bucket in buckets:
+            flat = flatten_bucket(bucket, state_dict, self._device)
+            _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
+            payload += bucket.nbytes
+        return payload
+
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+
+# ---------------------------------------------------------------- subscriber
+
+OnWeights = Callable[[dict[str, torch.Tensor], int], None]
+
+
+class WeightSubscriber:
+    """One per policy server. Loads the snapshot, registers, then receives on a daemon thread.
+
+    ``on_weights(tensors, version)`` runs on the receiver thread, never concurrently with itself. The tensors are
+    fresh (safe to keep, on ``device``) and match the template's names, shapes and dtypes. The policy server must
+    swap them in under its own lock between batches; while the callback runs, the next message waits (the publisher
+    gives up after ``timeout_s``), so keep it to a pointer swap or a quick ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        subscriber_id: str,
+        template: Mapping[str, torch.Tensor],
+        on_weights: OnWeights,
+        *,
+        key_prefix: str = "gsrl",
+        backend: str = "gloo",
+        device: str | torch.device = "cpu",
+        timeout_s: float = 60.0,
+        heartbeat_s: float = 2.0,
+        gloo_hostname: str | None = None,
+        poll_s: float = _POLL_S,
+    ) -> None:
+        self._redis = redis_client
+        self.subscriber_id = subscriber_id
+        self._member = f"{subscriber_id}@{uuid.uuid4().hex[:8]}"  # the key in the live set and the group
+        self._layout = tensor_layout(template)
+        self._digest = layout_hash(self._layout)
+        self._on_weights = on_weights
+        self._key_prefix = key_prefix
+        self._keys = _Keys(key_prefix)
+        self._backend = backend
+        self._device = _check_backend(backend, device)
+        self._timeout_s = float(timeout_s)
+        self._heartbeat_s = float(heartbeat_s)
+        self._gloo_hostname = gloo_hostname
+        self._poll_s = float(poll_s)
+        self._version: int | None = None
+        self._refused = 0
+        self._seen_generation = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def version(self) -> int | None:
+        """The version last handed to ``on_weights`` (None before any)."""
+        return self._version
+
+    @property
+    def refused_count(self) -> int:
+        """Messages and snapshots refused because their layout did not match the template (export as a metric)."""
+        return self._refused
+
+    def start(self) -> int | None:
+        """Load the latest snapshot (returns its version, or None), register as live, start the threads."""
+        if self._threads:
+            raise RuntimeError("WeightSubscriber.start() called twice")
+        snapshot = read_snapshot(self._redis, self._key_prefix)
+        if snapshot is not None:
+            tensors, version = snapshot
+            if tensor_layout(tensors) != self._layout:
+                self._refuse(version, "snapshot", _layout_diff(self._layout, tensor_layout(tensors)))
+            else:
+                self._deliver({k: v.to(self._device) for k, v in tensors.items()}, version)
+        self._heartbeat()
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._receive_loop, "receive")):
+            thread = threading.Thread(target=target, name=f"weights-{name}-{self.subscriber_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self._version
+
+    def stop(self) -> None:
+        """Deregister, leave the group, join the threads (up to about ``timeout_s`` if a transfer is under way)."""
+        self._stop.set()
+        try:
+            self._redis.zrem(self._keys.subscribers, self._member)
+        except redis.RedisError as exc:
+            logger.warning("weight subscriber %s: deregister failed: %s", self.subscriber_id, exc)
+        for thread in self._threads:
+            thread.join(2 * self._timeout_s + 5)
+            if thread.is_alive():
+                logger.warning("weight subscriber thread %s did not stop", thread.name)
+
+    def _heartbeat(self) -> None:
+        self._redis.zadd(self._keys.subscribers, {self._member: _redis_now(self._redis)})
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._heartbeat()
+            except redis.RedisError as exc:
+                logger.warning("weight subscriber %s: heartbeat failed: %s", self.subscriber_id, exc)
+
+    def _receive_loop(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        while not self._stop.is_set():
+            try:
+                info = self._next_generation()
+                group = self._join(info) if info else None
+                if group is None:
+                    self._stop.wait(self._poll_s)
+                    continue
+                try:
+                    self._serve(group)
+                finally:
+                    group.close()
+            except Exception as exc:  # noqa: BLE001 - any failure: wait for the next generation
+                logger.warning("weight subscriber %s left its group: %s", self.subscriber_id, exc)
+                self._stop.wait(max(self._poll_s, 0.5))  # do not spin on a Redis outage
+
+    def _next_generation(self) -> dict | None:
+        raw = self._redis.get(self._keys.group)
+        info = json.loads(raw) if raw else None
+        if info is None or int(info["generation"]) <= self._seen_generation:
+            return None
+        self._seen_generation = int(info["generation"])
+        if self._member not in info["members"]:
+            return None
+        if info["backend"] != self._backend:
+            logger.error("weight group uses %s, this subscriber %s: not joining", info["backend"], self._backend)
+            return None
+        return info
+
+    def _join(self, info: dict) -> _Group | None:
+        """Two-phase join: announce ourselves, then build the PG only if the publisher commits this generation."""
+        generation, members = int(info["generation"]), tuple(info["members"])
+        rank = members.index(self._member) + 1
+        base = dist.TCPStore(
+            info["host"],
+            int(info["port"]),
+            is_master=False,
+            timeout=_timedelta(self._timeout_s),
+            wait_for_workers=False,
+        )
+        store = dist.PrefixStore(self._keys.store_prefix.format(generation=generation), base)
+        store.set(f"joined/{rank}", "1")
+        deadline = time.monotonic() + self._timeout_s
+        while not store.check(["commit"]):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return None
+            time.sleep(self._poll_s / 2)
+        if store.get("commit") != b"go":
+            return None
+        pg = _new_process_group(
+            self._backend, dist.PrefixStore("pg/", store), rank, len(members) + 1, self._timeout_s, self._gloo_hostname
+        )
+        logger.info("weight subscriber %s joined generation %d as rank %d", self.subscriber_id, generation, rank)
+        return _Group(generation, members, pg, base)
+
+    def _serve(self, group: _Group) -> None:
+        """Receive each announced message of this generation in order; return when the generation is replaced."""
+        while not self._stop.is_set():
+            raw = self._redis.get(self._keys.announce)
+            generation, sent = (int(x) for x in (raw or b"0:0").decode().split(":"))
+            if generation != group.generation:
+                logger.info("weight subscriber %s: generation %d is over", self.subscriber_id, group.generation)
+                return
+            while group.sent < sent:
+                group.sent += 1
+                try:
+                    self._receive_one(group, group.sent)
+                except Exception:
+                    group.broken = True
+                    raise
+            self._stop.wait(self._poll_s)
+
+    def _receive_one(self, group: _Group, sequence: int) -> None:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self._device)
+        _broadcast(group.pg, header, self._timeout_s)
+        magic, generation, seq, version, num_buckets, digest, _flags, bucket_bytes = header.tolist()
+        if (magic, generation, seq) != (HEADER_MAGIC, group.generation, sequence):
+            raise RuntimeError(
+                f"out of step: header {(magic, generation, seq)}, expected {group.generation}:{sequence}"
+            )
+        descriptor = torch.empty((num_buckets, 2), dtype=torch.int64, device=self._device)
+        if num_buckets:
+            _broadcast(group.pg, descriptor, self._timeout_s)
+        sizes = [(WIRE_DTYPES[code], numel) for code, numel in descriptor.tolist()]
+        plan = plan_buckets(self._layout, bucket_bytes) if digest == self._digest else ()
+        if digest != self._digest or [(b.dtype, b.numel) for b in plan] != sizes:
+            for dtype, numel in sizes:  # drain so the group stays in step, then drop
+                _broadcast(group.pg, _as_bytes(torch.empty(numel, dtype=dtype, device=self._device)), self._timeout_s)
+            self._refuse(version, "broadcast", f"layout hash {digest:#x} != template {self._digest:#x}")
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        for bucket in plan:
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
+            _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
+            tensors.update(unflatten_bucket(bucket, flat))
+        self._deliver(tensors, version)
+
+    def _deliver(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        if self._version is not None and version <= self._version:
+            logger.info("weight subscriber %s: ignoring v%d (holding v%d)", self.subscriber_id, version, self._version)
+            return
+        try:
+            self._on_weights(tensors, version)
+        except Exception:
+            logger.exception("weight subscriber %s: on_weights failed for v%d", self.subscriber_id, version)
+            return
+        self._version = version
+
+    def _refuse(self, version: int, source: str, why: str) -> None:
+        self._refused += 1
+        logger.error(
+            "weight subscriber %s: refusing %s v%d, layout differs from the template: %s",
+            self.subscriber_id,
+            source,
+            version,
+            why,
+        )
+
+
+def _layout_diff(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec], limit: int = 5) -> str:
+    """A short human answer to 'what differs' (names missing or extra, shape or dtype changes)."""
+    want, got = {s.name: s for s in expected}, {s.name: s for s in actual}
+    lines = [f"missing {n}" for n in sorted(want.keys() - got.keys())]
+    lines += [f"unexpected {n}" for n in sorted(got.keys() - want.keys())]
+    lines += [
+        f"{n}: {got[n].shape}/{got[n].dtype} != {want[n].shape}/{want[n].dtype}"
+        for n in sorted(want.keys() & got.keys())
+        if want[n] != got[n]
+    ]
+    return "; ".join(lines[:limit]) + (f" (+{len(lines) - limit} more)" if len(lines) > limit else "")

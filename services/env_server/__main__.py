@@ -1,0 +1,85 @@
+"""``python -m services.env_server`` / ``gsrl env-server``: parse config and environment, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from gsrl.cli import add_config_arguments, config_from_args, setup_logging
+from gsrl.config import ConfigError
+from gsrl.metrics import EnvServerMetrics, MetricsServer
+from services.env_server.core import EnvBatch
+from services.env_server.server import EnvServer
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run a batch of ManiSkill envs and stream them to a policy server over gRPC."
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--index",
+        type=int,
+        default=int(os.environ.get("GSRL_ENV_SERVER_INDEX", "0")),
+        help="index of this env server: offsets its seed and metrics port (env GSRL_ENV_SERVER_INDEX)",
+    )
+    parser.add_argument(
+        "--id",
+        default=os.environ.get("POD_NAME") or f"env-{socket.gethostname()}-{os.getpid()}",
+        help="stable id shown in logs (env POD_NAME)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, f"env-server {args.index}")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics is single-threaded per env
+    es, task = config.env_server, config.task
+    batch = EnvBatch(
+        task.id,
+        es.num_envs,
+        control_mode=task.control_mode,
+        obs_mode=task.obs_mode,
+        reward_mode=task.reward_mode,
+        max_episode_steps=task.max_episode_steps,
+        sim_freq=task.sim_freq,
+        control_freq=task.control_freq,
+        success_mode=task.success_mode,
+        seed=config.run.seed * 1000 + args.index * es.num_envs,
+    )
+    metrics = EnvServerMetrics()
+    metrics_server = None
+    if es.metrics_port:
+        metrics_server = MetricsServer(metrics.registry, es.metrics_port + args.index).start()
+        metrics_server.ready.set()
+    server = EnvServer(
+        batch,
+        es.policy_address,
+        args.id,
+        task.id,
+        config.policy.action_chunk,
+        metrics,
+        backoff_s=es.reconnect_backoff_s,
+        max_backoff_s=es.max_reconnect_backoff_s,
+        log_every_s=config.run.log_every_s * 3,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    try:
+        server.run()
+    finally:
+        batch.close()
+        if metrics_server:
+            metrics_server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

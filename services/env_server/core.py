@@ -1,0 +1,296 @@
+"""The env server's core: a batch of single ManiSkill environments stepped with action chunks, in-process.
+
+Plain Python (no gRPC, no Redis) so it can be driven from tests and from ``server.py`` alike. ManiSkill's CPU
+physics backend holds one env per instance, so the batch is a list of ``gym.make`` envs stepped one after the other;
+scaling across cores is done by running more env server processes, not threads in this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import gsrl.tasks  # noqa: F401  (registers gsrl's ManiSkill tasks with gymnasium)
+
+ObservationSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+@dataclass
+class ChunkResult:
+    """What one ``EnvBatch.step_chunk`` call produced, for all B envs of the batch (C = chunk length)."""
+
+    observations: dict[str, np.ndarray]
+    """[B, ...] the observation the next chunk acts on: after auto-reset for envs whose episode ended."""
+    rewards: np.ndarray
+    """[B] float32, sum of the rewards of the steps executed in this chunk."""
+    step_rewards: np.ndarray
+    """[B, C] float32, per step; 0 for the steps skipped after an episode ended inside the chunk."""
+    terminated: np.ndarray
+    """[B] bool, the episode ended by the task (success with ManiSkill's default)."""
+    truncated: np.ndarray
+    """[B] bool, the episode hit the time limit; never True where ``terminated`` is (terminated wins)."""
+    final_observations: dict[str, np.ndarray]
+    """[B, ...] the last observation of the ended episode where it ended (needed to bootstrap truncated
+    episodes), else equal to ``observations``."""
+    episode_return: np.ndarray
+    """[B] float32, undiscounted return of the ended episode; 0 where none ended."""
+    episode_length: np.ndarray
+    """[B] int32, env steps of the ended episode; 0 where none ended."""
+    episode_success_once: np.ndarray
+    """[B] bool, whether the ended episode was a success at any of its steps; False where none ended."""
+    steps_executed: int
+    """Env steps actually run in this call, summed over envs (< B*C when episodes ended inside the chunk)."""
+
+    @property
+    def ended(self) -> np.ndarray:
+        """[B] bool, the envs whose episode ended in this chunk (and were reset)."""
+        return self.terminated | self.truncated
+
+
+class EnvBatch:
+    """``num_envs`` envs of one task, stepped with action chunks and auto-reset when their episode ends.
+
+    Actions come from the policy in [-1, 1]. They are clipped to [-1, 1] and mapped linearly onto the env's action
+    Box [low, high] per dimension, so the policy never needs to know the controller's units. For Panda's normalized
+    controllers (``pd_ee_target_delta_pose``, ``pd_ee_delta_pose``, the gripper) the Box is already [-1, 1] and
+    the map is the identity; the controller itself then scales to +-0.1 m / rad per step.
+
+    Every reset is seeded from a per-env RNG derived from ``seed``, so a batch made with the same arguments and
+    driven with the same actions reproduces the same episodes.
+
+    ``task_id`` must be a gsrl task (it receives ``success_mode``); frequencies go through ManiSkill's generic
+    ``sim_config`` so they override the task's defaults without touching its solver settings.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        num_envs: int,
+        *,
+        control_mode: str = "pd_ee_target_delta_pose",
+        obs_mode: str = "state",
+        reward_mode: str = "normalized_dense",
+        max_episode_steps: int = 100,
+        sim_freq: int = 100,
+        control_freq: int = 20,
+        success_mode: str = "strict",
+        seed: int = 0,
+        sim_backend: str = "physx_cpu",
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if obs_mode not in ("state", "state_dict"):
+            raise ValueError(f"obs_mode must be 'state' or 'state_dict' (visual modes come later), got {obs_mode!r}")
+        self.task_id = task_id
+        self.num_envs = num_envs
+        self.obs_mode = obs_mode
+        self.max_episode_steps = max_episode_steps
+        self._envs: list[gym.Env] = []
+        try:
+            for _ in range(num_envs):
+                self._envs.append(
+                    gym.make(
+                        task_id,
+                        num_envs=1,
+                        obs_mode=obs_mode,
+                        control_mode=control_mode,
+                        reward_mode=reward_mode,
+                        max_episode_steps=max_episode_steps,
+                        sim_backend=sim_backend,
+                        # sim_config is understood by every ManiSkill task, unlike task-specific frequency kwargs.
+                        sim_config=dict(sim_freq=sim_freq, control_freq=control_freq),
+                        success_mode=success_mode,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+        base = self._envs[0].unwrapped
+        space = base.single_action_space
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            raise ValueError(f"{task_id} with control_mode={control_mode!r} has action space {space}, need a 1-D Box")
+        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            raise ValueError(f"action space {space} has infinite bounds; [-1, 1] actions cannot be mapped onto it")
+        self.action_dim: int = int(space.shape[0])
+        self._action_low = space.low.astype(np.float64)
+        self._action_high = space.high.astype(np.float64)
+
+        # The obs made by gym.make's own reset fixes keys, shapes and dtypes without spending a seeded reset.
+        self.observation_spec: ObservationSpec = {
+            key: (value.shape, value.dtype) for key, value in self._to_numpy_obs(base._init_raw_obs).items()
+        }
+        get_instruction = getattr(base, "get_language_instruction", None)
+        self.instructions: list[str] = [
+            env.unwrapped.get_language_instruction()[0] if get_instruction is not None else "" for env in self._envs
+        ]
+
+        # One independent stream per env: an env's reset seeds do not depend on how often the others reset.
+        self._reset_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_envs)]
+        self._last_obs: list[dict[str, np.ndarray]] | None = None
+        self._episode_return = np.zeros(num_envs, dtype=np.float64)
+        self._episode_length = np.zeros(num_envs, dtype=np.int32)
+        self._episode_success_once = np.zeros(num_envs, dtype=bool)
+
+    # ------------------------------------------------------------------ public API
+
+    def reset(self) -> dict[str, np.ndarray]:
+        """Start a fresh episode in every env; returns the observations, each [B, ...]."""
+        self._require_open()
+        self._last_obs = [self._reset_env(i) for i in range(self.num_envs)]
+        self._episode_return[:] = 0.0
+        self._episode_length[:] = 0
+        self._episode_success_once[:] = False
+        return self._stack(self._last_obs)
+
+    def step_chunk(self, action_chunk: np.ndarray) -> ChunkResult:
+        """Run up to C steps per env from ``action_chunk`` [B, C, A] (policy scale, [-1, 1]).
+
+        An env whose episode ends at step k < C skips its remaining k+1..C-1 actions (they were planned for a state
+        that no longer exists), is reset, and reports the ended episode's statistics.
+        """
+        self._require_open()
+        if self._last_obs is None:
+            raise RuntimeError("call reset() before step_chunk()")
+        actions = self._validate_and_map(action_chunk)
+        num_envs, chunk_len = actions.shape[:2]
+
+        step_rewards = np.zeros((num_envs, chunk_len), dtype=np.float32)
+        terminated = np.zeros(num_envs, dtype=bool)
+        truncated = np.zeros(num_envs, dtype=bool)
+        episode_return = np.zeros(num_envs, dtype=np.float32)
+        episode_length = np.zeros(num_envs, dtype=np.int32)
+        episode_success_once = np.zeros(num_envs, dtype=bool)
+        final_obs = list(self._last_obs)
+        steps_executed = 0
+
+        for i, env in enumerate(self._envs):
+            for k in range(chunk_len):
+                obs, reward, term, trunc, info = env.step(actions[i, k])
+                steps_executed += 1
+                step_rewards[i, k] = float(_scalar(reward))
+                self._episode_return[i] += step_rewards[i, k]
+                self._episode_length[i] += 1
+                self._episode_success_once[i] |= bool(_scalar(info.get("success", False)))
+                self._last_obs[i] = self._to_numpy_obs(obs)
+                terminated[i] = bool(_scalar(term))
+                truncated[i] = bool(_scalar(trunc)) and not terminated[i]
+                if terminated[i] or truncated[i]:
+                    final_obs[i] = self._last_obs[i]
+                    episode_return[i] = self._episode_return[i]
+                    episode_length[i] = self._episode_length[i]
+                    episode_success_once[i] = self._episode_success_once[i]
+                    self._episode_return[i] = 0.0
+                    self._episode_length[i] = 0
+                    self._episode_success_once[i] = False
+                    self._last_obs[i] = self._reset_env(i)
+                    break
+            if not (terminated[i] or truncated[i]):
+                final_obs[i] = self._last_obs[i]
+
+        return ChunkResult(
+            observations=self._stack(self._last_obs),
+            rewards=step_rewards.sum(axis=1, dtype=np.float32),
+            step_rewards=step_rewards,
+            terminated=terminated,
+            truncated=truncated,
+            final_observations=self._stack(final_obs),
+            episode_return=episode_return,
+            episode_length=episode_length,
+            episode_success_once=episode_success_once,
+            steps_executed=steps_executed,
+        )
+
+    def close(self) -> None:
+        """Close every env; safe to call twice."""
+        envs, self._envs = self._envs, []
+        for env in envs:
+            env.close()
+
+    def __enter__(self) -> EnvBatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_open(self) -> None:
+        if not self._envs:
+            raise RuntimeError("EnvBatch is closed")
+
+    def _reset_env(self, i: int) -> dict[str, np.ndarray]:
+        seed = int(self._reset_rngs[i].integers(2**31 - 1))
+        obs, _ = self._envs[i].reset(seed=seed)
+        return self._to_numpy_obs(obs)
+
+    def _validate_and_map(self, action_chunk: np.ndarray) -> np.ndarray:
+        """Check [B, C, A] shape, float dtype and finiteness; clip to [-1, 1] and map onto the action Box."""
+        if not isinstance(action_chunk, np.ndarray):
+            raise ValueError(f"action_chunk must be a numpy array, got {type(action_chunk).__name__}")
+        if not np.issubdtype(action_chunk.dtype, np.floating):
+            raise ValueError(f"action_chunk dtype must be floating (float32 expected), got {action_chunk.dtype}")
+        if action_chunk.ndim != 3 or action_chunk.shape[0] != self.num_envs or action_chunk.shape[2] != self.action_dim:
+            raise ValueError(
+                f"action_chunk shape must be [B={self.num_envs}, C, A={self.action_dim}], got {action_chunk.shape}"
+            )
+        if action_chunk.shape[1] < 1:
+            raise ValueError(f"action_chunk must hold at least one step (C >= 1), got shape {action_chunk.shape}")
+        if not np.all(np.isfinite(action_chunk)):
+            bad = np.argwhere(~np.isfinite(action_chunk))[0].tolist()
+            raise ValueError(f"action_chunk has non-finite values (first at [env, step, dim] = {bad})")
+        return scale_actions(action_chunk, self._action_low, self._action_high)
+
+    def _to_numpy_obs(self, obs: Any) -> dict[str, np.ndarray]:
+        """ManiSkill's batch-1 torch obs -> {key: unbatched numpy array}; nested dict keys joined with '/'."""
+        flat: dict[str, np.ndarray] = {}
+        if self.obs_mode == "state":
+            flat["state"] = _to_numpy(obs)[0]
+        else:
+            _flatten(obs, "", flat)
+        return flat
+
+    def _stack(self, per_env: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {key: np.stack([obs[key] for obs in per_env]) for key in per_env[0]}
+
+
+def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Policy actions [..., A] -> env actions: clip to [-1, 1], then map -1 -> ``low`` and +1 -> ``high`` per dim.
+
+    Clipping first means a policy whose Gaussian samples fall outside [-1, 1] still commands a valid action, the
+    bound, rather than one the controller would clip differently per mode. Returns float32.
+    """
+    unit = (np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0) + 1.0) / 2.0
+    return (low + unit * (high - low)).astype(np.float32)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """Torch or numpy -> numpy, floats as float32 (bool and int keep their dtype)."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+        array = array.astype(np.float32)
+    return array
+
+
+def _flatten(tree: dict, prefix: str, out: dict[str, np.ndarray]) -> None:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _flatten(value, f"{name}/", out)
+        else:
+            out[name] = _to_numpy(value)[0]
+
+
+def _scalar(value: Any) -> Any:
+    """ManiSkill returns batch-1 tensors for reward/terminated/truncated/info entries; take the one element."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)[0].item()
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1)[0].item()
+    return value

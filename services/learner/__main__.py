@@ -1,0 +1,68 @@
+"""``python -m services.learner`` / ``gsrl learner``: one DeepSpeed rank; RANK/WORLD_SIZE/MASTER_* from the
+environment (torchrun, the StatefulSet, or ``gsrl train`` set them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from gsrl.cli import add_config_arguments, config_from_args, setup_logging
+from gsrl.config import ConfigError
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run one learner rank: read segments from Redis, "
+        "PPO with DeepSpeed, checkpoint, broadcast weights to policy servers.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("GSRL_REDIS_URL"),
+        help="redis://host:port/db (env GSRL_REDIS_URL; default from config)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("GSRL_RUN_DIR"),
+        help="where TensorBoard logs and checkpoints go (env GSRL_RUN_DIR)",
+    )
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging(args.log_level, f"learner {rank}")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if world_size != config.learner.world_size:
+        parser.error(f"WORLD_SIZE={world_size} but config key 'learner.world_size' is {config.learner.world_size}")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(config.learner.master_port))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+    use_cuda = config.learner.device == "cuda" or (config.learner.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(int(os.environ.get("GSRL_TORCH_THREADS", "1")))
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = config.learner.backend if config.learner.backend != "auto" else ("nccl" if use_cuda else "gloo")
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    from services.learner.server import serve
+
+    redis_url = args.redis_url or f"redis://{config.redis.host}:{config.redis.port}/{config.redis.db}"
+    run_dir = args.run_dir or os.path.join(config.run.output_dir, config.run.name)
+    serve(config, redis_url, run_dir, rank, world_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The learner's PPO update as plain Python: segments in, optimizer steps and RLinf-named metrics out.
+
+No Redis, gRPC or torch.distributed here. The optimizer is behind ``OptimizerEngine`` (``TorchEngine``
+for tests and single-process runs, ``services.learner.engine.DeepSpeedEngine`` for DeepSpeed), and the
+one cross-rank operation the update needs (summing a small tensor) is injected as ``all_reduce_sum``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from gsrl.policy.base import Policy
+from gsrl.rl import (
+    clipped_value_loss,
+    compute_gae,
+    entropy_bonus,
+    explained_variance,
+    normalize_advantages,
+    ppo_policy_loss,
+)
+from gsrl.trajectory import Segment
+
+
+class AlgoSettings(Protocol):
+    """The fields of ``gsrl.config.AlgoConfig`` that the update reads."""
+
+    gamma: float
+    gae_lambda: float
+    clip_ratio: float
+    value_clip: float
+    value_coef: float
+    entropy_coef: float
+    update_epochs: int
+    num_minibatches: int
+    normalize_advantages: bool
+    target_kl: float
+
+
+class OptimizerEngine(Protocol):
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clip gradients, step the optimizer, zero gradients; return the global grad norm before clipping."""
+        ...
+
+
+class TorchEngine:
+    """``torch.optim.AdamW`` + ``clip_grad_norm_``: the single-process ``OptimizerEngine``."""
+
+    def __init__(
+        self,
+        parameters: Iterable[nn.Parameter],
+        lr: float,
+        max_grad_norm: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-5,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        # max_norm=inf measures without clipping when clipping is off (max_grad_norm <= 0).
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+
+@dataclass
+class RolloutBatch:
+    """Flat per-transition tensors after GAE, N = sum of segment lengths (one row = one action chunk)."""
+
+    observations: dict[str, Tensor]  # each [N, ...]
+    action_chunks: Tensor  # [N, C, A]
+    old_logprobs: Tensor  # [N] behaviour policy's chunk log-prob
+    old_values: Tensor  # [N] behaviour policy's V(s), the anchor of value clipping
+    advantages: Tensor  # [N] GAE, not normalized
+    returns: Tensor  # [N] advantages + old_values
+    rewards: Tensor  # [N] chunk-level rewards, for metrics
+    instructions: list[str] | None = None  # [N] or None when the segments carry none
+
+    @property
+    def size(self) -> int:
+        return int(self.advantages.shape[0])
+
+
+def _segment_instructions(segment: Segment) -> list[str] | None:
+    # A segment stores either one instruction per transition or one for the whole segment.
+    if not segment.instructions:
+        return None
+    if len(segment.instructions) == segment.length:
+        return list(segment.instructions)
+    if len(segment.instructions) == 1:
+        return list(segment.instructions) * segment.length
+    raise ValueError(f"segment {segment.segment_id!r}: {len(segment.instructions)} instructions for T={segment.length}")
+
+
+def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutBatch:
+    """GAE per segment (each segment is one env's consecutive steps), then concatenate along time."""
+    if not segments:
+        raise ValueError("build_rollout_batch needs at least one segment")
+    advantages, returns = [], []
+    for seg in segments:
+        adv, ret = compute_gae(
+            seg.rewards, seg.values, seg.next_values, seg.terminated, seg.truncated, algo.gamma, algo.gae_lambda
+        )
+        advantages.append(adv)
+        returns.append(ret)
+    per_segment = [_segment_instructions(seg) for seg in segments]
+    instructions = None
+    if any(ins is not None for ins in per_segment):
+        instructions = []
+        for seg, ins in zip(segments, per_segment, strict=True):
+            instructions += ins if ins is not None else [""] * seg.length
+    return RolloutBatch(
+        observations={key: torch.cat([seg.observations[key] for seg in segments]) for key in segments[0].observations},
+        action_chunks=torch.cat([seg.action_chunks for seg in segments]).float(),
+        old_logprobs=torch.cat([seg.logprobs for seg in segments]).float(),
+        old_values=torch.cat([seg.values for seg in segments]).float(),
+        advantages=torch.cat(advantages),
+        returns=torch.cat(returns),
+        rewards=torch.cat([seg.rewards for seg in segments]).float(),
+        instructions=instructions,
+    )
+
+
+class PPOLearnerCore:
+    """Runs ``update_epochs`` x ``num_minibatches`` PPO steps on each batch of segments.
+
+    Data-parallel use: every rank must take the same number of optimizer steps or the gradient
+    all-reduce deadlocks. Each rank therefore needs at least ``num_minibatches`` samples, and the
+    ``target_kl`` early stop is decided on the KL averaged over ranks through ``all_reduce_sum``
+    (which also keeps observation-normalizer statistics identical across ranks).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        engine: OptimizerEngine,
+        algo: AlgoSettings,
+        generator: torch.Generator | None = None,
+        all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.engine = engine
+        self.algo = algo
+        self.generator = generator
+        self.all_reduce_sum = all_reduce_sum
+
+    def _device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _mean_across_ranks(self, value: float) -> float:
+        if self.all_reduce_sum is None:
+            return value
+        total = self.all_reduce_sum(torch.tensor([value, 1.0], dtype=torch.float64, device=self._device()))
+        return float(total[0] / total[1])
+
+    def update(self, segments: list[Segment]) -> dict[str, float]:
+        """One PPO update on ``segments``; returns metrics averaged over the minibatch steps taken."""
+        algo = self.algo
+        batch = build_rollout_batch(segments, algo)
+        if batch.size < algo.num_minibatches:
+            raise ValueError(f"{batch.size} samples cannot fill {algo.num_minibatches} minibatches")
+        update_obs_normalizer = getattr(self.policy, "update_obs_normalizer", None)
+        if callable(update_obs_normalizer):
+            update_obs_normalizer(batch.observations, all_reduce_sum=self.all_reduce_sum)
+
+        # Normalized once over the whole batch (RLinf), not per minibatch (CleanRL): same result
+        # for large minibatches, and well defined for tiny ones.
+        advantages = normalize_advantages(batch.advantages) if algo.normalize_advantages else batch.advantages
+        device = self._device()
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        stop = False
+        for _ in range(algo.update_epochs):
+            perm = torch.randperm(batch.size, generator=self.generator)
+            for idx in torch.tensor_split(perm, algo.num_minibatches):
+                metrics = self._minibatch_step(batch, advantages, idx, device)
+                for key, value in metrics.items():
+                    sums[key] += value
+                steps += 1
+                if algo.target_kl > 0 and self._mean_across_ranks(metrics["actor/approx_kl"]) > algo.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+
+        out = {key: value / steps for key, value in sums.items()}
+        out.update(
+            {
+                "rollout/returns_mean": float(batch.returns.mean()),
+                "rollout/advantages_mean": float(batch.advantages.mean()),
+                "rollout/values_mean": float(batch.old_values.mean()),
+                "rollout/rewards_mean": float(batch.rewards.mean()),
+                "actor/explained_variance": explained_variance(batch.old_values, batch.returns),
+                "actor/num_samples": float(batch.size),
+                "actor/num_minibatch_steps": float(steps),
+                "actor/early_stopped": float(stop),
+            }
+        )
+        return out
+
+    def _minibatch_step(
+        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device
+    ) -> dict[str, float]:
+        algo = self.algo
+        observations = {key: value[idx].to(device, non_blocking=True) for key, value in batch.observations.items()}
+        instructions = [batch.instructions[i] for i in idx.tolist()] if batch.instructions is not None else None
+        logprobs, entropy, values = self.policy.evaluate_actions(
+            observations, batch.action_chunks[idx].to(device), instructions=instructions
+        )
+        policy_loss, pg_metrics = ppo_policy_loss(
+            logprobs, batch.old_logprobs[idx].to(device), advantages[idx].to(device), algo.clip_ratio
+        )
+        value_loss, value_clip_ratio = clipped_value_loss(
+            values, batch.old_values[idx].to(device), batch.returns[idx].to(device), algo.value_clip
+        )
+        entropy_mean = entropy_bonus(entropy)
+        loss = policy_loss + algo.value_coef * value_loss - algo.entropy_coef * entropy_mean
+        self.engine.backward(loss)
+        grad_norm = self.engine.step()
+        names = ("actor/loss", "actor/policy_loss", "actor/value_loss", "actor/approx_kl")
+        names += ("actor/pg_clipfrac", "actor/value_clip_ratio", "actor/entropy")
+        # One device-to-host copy for all scalars instead of one sync per metric.
+        values_list = torch.stack(
+            [
+                loss.detach().float(),
+                policy_loss.detach(),
+                value_loss.detach(),
+                pg_metrics["approx_kl"],
+                pg_metrics["clipfrac"],
+                value_clip_ratio.to(loss.device),
+                entropy_mean.detach(),
+            ]
+        ).tolist()
+        return {**dict(zip(names, values_list, strict=True)), "actor/grad_norm": float(grad_norm)}

@@ -1,0 +1,177 @@
+"""EnvBatch on real ManiSkill CPU envs: chunked stepping, auto-reset bookkeeping, validation, reproducibility."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from mani_skill.utils.structs.pose import Pose
+
+from gsrl.tasks import LANGUAGE_INSTRUCTION
+from services.env_server.core import EnvBatch, scale_actions
+
+TASK = "PutCubeOnPlate-v0"
+# ManiSkill 3.0.1 calls np.isnan on a torch action each step (BaseAgent.set_action); NumPy 2 warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+STATE_DIM = 53  # 46 task/proprio values + the ee controller's 7-D target pose (pd_ee_target_delta_pose)
+
+
+@pytest.fixture(scope="module")
+def batch() -> Iterator[EnvBatch]:
+    """Two envs whose episodes are truncated after 4 steps, so auto-reset happens within a few chunks."""
+    envs = EnvBatch(TASK, 2, max_episode_steps=4, seed=7)
+    yield envs
+    envs.close()
+
+
+def open_still(num_envs: int, chunk_len: int) -> np.ndarray:
+    """Zero arm motion with the gripper open: the scene stays as it is."""
+    chunk = np.zeros((num_envs, chunk_len, 7), dtype=np.float32)
+    chunk[..., 6] = 1.0
+    return chunk
+
+
+def put_cube_on_plate(batch: EnvBatch, env_index: int) -> None:
+    """Teleport env ``env_index``'s cube to rest on its plate, so its next step is a success."""
+    task = batch._envs[env_index].unwrapped
+    plate = task.plate.pose
+    cube_z = plate.p[:, 2:] + task.plate_half_size[2] + task.cube_half_size
+    task.cube.set_pose(Pose.create_from_pq(torch.cat([plate.p[:, :2], cube_z], dim=1), plate.q))
+    task.cube.set_linear_velocity(torch.zeros(1, 3))
+    task.cube.set_angular_velocity(torch.zeros(1, 3))
+
+
+def test_spec_and_reset_shapes(batch: EnvBatch) -> None:
+    assert batch.action_dim == 7
+    assert batch.observation_spec == {"state": ((STATE_DIM,), np.dtype(np.float32))}
+    assert batch.instructions == [LANGUAGE_INSTRUCTION] * 2
+    obs = batch.reset()
+    assert set(obs) == {"state"}
+    assert obs["state"].shape == (2, STATE_DIM) and obs["state"].dtype == np.float32
+    assert not np.array_equal(obs["state"][0], obs["state"][1])  # each env has its own layout
+
+
+def test_step_chunk_shapes_and_rewards(batch: EnvBatch) -> None:
+    batch.reset()
+    rng = np.random.default_rng(0)
+    result = batch.step_chunk(rng.uniform(-1, 1, (2, 3, 7)).astype(np.float32))
+    assert result.observations["state"].shape == (2, STATE_DIM) and result.observations["state"].dtype == np.float32
+    assert result.step_rewards.shape == (2, 3) and result.step_rewards.dtype == np.float32
+    assert result.rewards.shape == (2,) and result.rewards.dtype == np.float32
+    np.testing.assert_allclose(result.rewards, result.step_rewards.sum(axis=1), rtol=1e-6)
+    assert np.all(result.step_rewards > 0) and np.all(result.step_rewards <= 1)  # normalized dense reward
+    for flags in (result.terminated, result.truncated, result.episode_success_once):
+        assert flags.shape == (2,) and flags.dtype == bool and not flags.any()
+    assert result.episode_length.dtype == np.int32 and result.episode_return.dtype == np.float32
+    assert result.steps_executed == 6
+    np.testing.assert_array_equal(result.final_observations["state"], result.observations["state"])
+
+
+def test_truncation_auto_resets_at_the_time_limit(batch: EnvBatch) -> None:
+    batch.reset()
+    first = batch.step_chunk(open_still(2, 3))
+    assert not first.ended.any() and first.steps_executed == 6
+    second = batch.step_chunk(open_still(2, 3))  # step 4 of 4 is the chunk's first step
+    assert second.truncated.all() and not second.terminated.any()
+    assert second.steps_executed == 2
+    np.testing.assert_array_equal(second.episode_length, [4, 4])
+    assert np.all(second.step_rewards[:, 1:] == 0)  # the rest of the chunk was not executed
+    np.testing.assert_allclose(second.episode_return, first.rewards + second.rewards, rtol=1e-5)
+    assert not second.episode_success_once.any()
+    # final obs is the last state of the old episode; observations are the new episode's first state.
+    assert not np.allclose(second.final_observations["state"], second.observations["state"])
+    third = batch.step_chunk(open_still(2, 3))
+    assert not third.ended.any() and third.steps_executed == 6  # new episodes count from 0 again
+
+
+def test_termination_in_one_env_resets_only_that_env(batch: EnvBatch) -> None:
+    batch.reset()
+    put_cube_on_plate(batch, 0)
+    result = batch.step_chunk(open_still(2, 3))
+    np.testing.assert_array_equal(result.terminated, [True, False])
+    assert not result.truncated.any()
+    assert result.steps_executed == 1 + 3
+    assert result.episode_length[0] == 1 and result.episode_success_once[0]
+    assert result.step_rewards[0, 0] == pytest.approx(1.0) and np.all(result.step_rewards[0, 1:] == 0)
+    assert result.episode_return[0] == pytest.approx(1.0)
+    assert not np.allclose(result.final_observations["state"][0], result.observations["state"][0])
+    np.testing.assert_array_equal(result.final_observations["state"][1], result.observations["state"][1])
+    # Env 0's new episode runs its full 4 steps; env 1 hits its limit on the next chunk's first step.
+    nxt = batch.step_chunk(open_still(2, 3))
+    np.testing.assert_array_equal(nxt.truncated, [False, True])
+    assert nxt.episode_length[1] == 4 and not nxt.episode_success_once[1]
+
+
+def test_success_on_the_last_step_is_terminated_not_truncated(batch: EnvBatch) -> None:
+    batch.reset()
+    batch.step_chunk(open_still(2, 3))
+    put_cube_on_plate(batch, 1)
+    result = batch.step_chunk(open_still(2, 1))  # step 4 of 4: time limit and success together
+    np.testing.assert_array_equal(result.terminated, [False, True])
+    np.testing.assert_array_equal(result.truncated, [True, False])
+
+
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        (np.zeros((2, 3, 6), np.float32), r"\[B=2, C, A=7\], got \(2, 3, 6\)"),
+        (np.zeros((3, 3, 7), np.float32), r"\[B=2, C, A=7\], got \(3, 3, 7\)"),
+        (np.zeros((2, 7), np.float32), r"\[B=2, C, A=7\], got \(2, 7\)"),
+        (np.zeros((2, 0, 7), np.float32), r"C >= 1"),
+        (np.zeros((2, 3, 7), np.int64), r"floating .* got int64"),
+        (np.full((2, 3, 7), np.nan, np.float32), r"non-finite"),
+        ([[[0.0] * 7] * 3] * 2, r"numpy array"),
+    ],
+)
+def test_bad_action_chunks_raise_value_error(batch: EnvBatch, chunk: np.ndarray, message: str) -> None:
+    batch.reset()
+    with pytest.raises(ValueError, match=message):
+        batch.step_chunk(chunk)
+
+
+def test_scale_actions_clips_then_maps_onto_the_box() -> None:
+    low, high = np.array([-1.0, 0.0, -2.9]), np.array([1.0, 0.04, 2.9])
+    actions = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.5], [7.0, -3.0, 2.0]])
+    expected = np.array([[-1.0, 0.0, -2.9], [1.0, 0.04, 2.9], [0.0, 0.02, 1.45], [1.0, 0.0, 2.9]])
+    out = scale_actions(actions, low, high)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_same_seed_reproduces_and_out_of_range_actions_act_as_clipped() -> None:
+    with EnvBatch(TASK, 2, seed=3) as a, EnvBatch(TASK, 2, seed=3) as b:
+        first = a.reset()["state"]
+        np.testing.assert_array_equal(first, b.reset()["state"])
+        chunk = np.random.default_rng(1).uniform(-4, 4, (2, 3, 7)).astype(np.float32)
+        result_a = a.step_chunk(chunk)
+        result_b = b.step_chunk(np.clip(chunk, -1, 1))
+        assert np.all(np.isfinite(result_a.observations["state"]))
+        np.testing.assert_array_equal(result_a.observations["state"], result_b.observations["state"])
+        np.testing.assert_array_equal(result_a.step_rewards, result_b.step_rewards)
+    with EnvBatch(TASK, 1, seed=4) as other:
+        assert not np.allclose(other.reset()["state"][0], first[0])  # the seed does matter
+
+
+def test_state_dict_observations_are_flattened_with_slash_keys() -> None:
+    with EnvBatch(TASK, 1, obs_mode="state_dict", max_episode_steps=2) as envs:
+        obs = envs.reset()
+        assert set(obs) == set(envs.observation_spec)
+        assert {"agent/qpos", "agent/qvel", "extra/cube_pose", "extra/plate_pose", "extra/is_grasped"} <= set(obs)
+        for key, (shape, dtype) in envs.observation_spec.items():
+            assert obs[key].shape == (1, *shape) and obs[key].dtype == dtype, key
+        assert obs["agent/qpos"].dtype == np.float32 and obs["extra/is_grasped"].dtype == bool
+        result = envs.step_chunk(open_still(1, 3))
+        assert result.truncated[0] and result.episode_length[0] == 2
+        assert set(result.final_observations) == set(obs)
+
+
+def test_closed_batch_refuses_to_step() -> None:
+    envs = EnvBatch(TASK, 1)
+    with pytest.raises(RuntimeError, match="reset"):
+        envs.step_chunk(open_still(1, 1))
+    envs.close()
+    envs.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        envs.reset()

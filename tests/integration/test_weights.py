@@ -1,0 +1,194 @@
+"""Weight broadcast against a real redis-server and real gloo over loopback, subscribers as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gsrl.redis_server import LocalRedis
+from gsrl.weights import PublishStats, WeightPublisher, plan_buckets, tensor_layout
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _weights_subscriber import events_key, make_state, stop_key  # noqa: E402
+
+HELPER = Path(__file__).with_name("_weights_subscriber.py")
+REPO = Path(__file__).resolve().parents[2]
+BUCKET_BYTES = 4096
+EVENT_TIMEOUT_S = 30
+
+
+class Subscriber:
+    """Handle on one subscriber process: its events, a clean stop, or a SIGKILL."""
+
+    def __init__(self, client: redis.Redis, port: int, prefix: str, subscriber_id: str, *extra: str) -> None:
+        self.client, self.prefix, self.id = client, prefix, subscriber_id
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen(
+            [sys.executable, str(HELPER), str(port), prefix, subscriber_id, "--timeout-s", "5", *extra], env=env
+        )
+
+    def next_event(self, timeout_s: float = EVENT_TIMEOUT_S) -> dict:
+        item = self.client.blpop([events_key(self.prefix, self.id)], timeout=timeout_s)
+        assert item is not None, f"subscriber {self.id} sent no event within {timeout_s}s"
+        return json.loads(item[1])
+
+    def events_until(self, event: str, **match: object) -> list[dict]:
+        """Events up to and including the first ``event`` whose fields equal ``match``."""
+        seen = []
+        while True:
+            seen.append(self.next_event())
+            if seen[-1]["event"] == event and all(seen[-1].get(k) == v for k, v in match.items()):
+                return seen
+
+    def stop(self) -> dict:
+        self.client.set(stop_key(self.prefix, self.id), 1)
+        return self.events_until("stopped")[-1]
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no deregistration, sockets torn down by the kernel
+        self.process.wait(10)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def spawn(redis_server: LocalRedis, redis_client: redis.Redis, prefix: str) -> Iterator[Callable[..., Subscriber]]:
+    started: list[Subscriber] = []
+
+    def _spawn(subscriber_id: str, *extra: str) -> Subscriber:
+        started.append(Subscriber(redis_client, redis_server.port, prefix, subscriber_id, *extra))
+        return started[-1]
+
+    yield _spawn
+    for sub in started:
+        redis_client.set(stop_key(prefix, sub.id), 1)
+    for sub in started:
+        try:
+            sub.process.wait(15)
+        except subprocess.TimeoutExpired:
+            sub.kill()
+
+
+@pytest.fixture
+def make_publisher(redis_client: redis.Redis, prefix: str) -> Iterator[Callable[..., WeightPublisher]]:
+    made: list[WeightPublisher] = []
+
+    def _make(**kwargs: object) -> WeightPublisher:
+        options = dict(
+            key_prefix=prefix,
+            bind_host="127.0.0.1",
+            advertise_host="127.0.0.1",
+            bucket_bytes=BUCKET_BYTES,
+            timeout_s=5.0,
+            subscriber_ttl_s=2.0,
+            gloo_hostname="127.0.0.1",
+        )
+        made.append(WeightPublisher(redis_client, **{**options, **kwargs}))
+        return made[-1]
+
+    yield _make
+    for publisher in made:
+        publisher.close()
+
+
+def weights(events: list[dict]) -> list[int]:
+    assert all(e["ok"] for e in events if e["event"] == "weights"), events
+    return [e["version"] for e in events if e["event"] == "weights"]
+
+
+def publish(publisher: WeightPublisher, version: int) -> PublishStats:
+    return publisher.publish(make_state(version), version)
+
+
+def test_two_subscribers_receive_every_version_exactly(make_publisher, spawn) -> None:
+    buckets = plan_buckets(tensor_layout(make_state(1)), BUCKET_BYTES)
+    assert len(buckets) >= 4 and len({b.dtype for b in buckets}) >= 3  # several buckets, mixed dtypes
+    publisher = make_publisher()
+    subs = [spawn("a"), spawn("b")]
+    for sub in subs:
+        assert sub.events_until("started")[-1]["snapshot_version"] is None
+    stats = [publish(publisher, version) for version in (1, 2, 3)]
+    assert [(s.num_subscribers, s.rebuilt, s.error) for s in stats] == [(2, True, None), (2, False, None)] + [
+        (2, False, None)
+    ]
+    assert stats[0].bytes == sum(b.nbytes for b in buckets)
+    for sub in subs:
+        assert weights(sub.events_until("weights", version=3)) == [1, 2, 3]
+
+
+def test_late_subscriber_loads_snapshot_then_joins_at_rebuild(make_publisher, spawn) -> None:
+    publisher = make_publisher()
+    early = spawn("early")
+    early.events_until("started")
+    assert publish(publisher, 1).num_subscribers == 1 and publish(publisher, 2).snapshot_bytes > 0
+    late = spawn("late")
+    events = late.events_until("started")
+    assert events[-1]["snapshot_version"] == 2 and weights(events) == [2]
+    stats = publish(publisher, 3)
+    assert stats.rebuilt and stats.num_subscribers == 2 and stats.error is None
+    assert weights(late.events_until("weights", version=3)) == [3]
+    assert weights(early.events_until("weights", version=3)) == [1, 2, 3]
+
+
+def test_killed_subscriber_costs_a_bounded_publish_and_the_rest_keep_receiving(make_publisher, spawn) -> None:
+    publisher = make_publisher(timeout_s=5.0)
+    survivor, victim = spawn("survivor"), spawn("victim")
+    for sub in (survivor, victim):
+        sub.events_until("started")
+    assert publish(publisher, 1).num_subscribers == 2
+    victim.events_until("weights", version=1)
+    victim.kill()
+    stats = []
+    for version in (2, 3, 4):
+        start = time.monotonic()
+        stats.append(publish(publisher, version))
+        assert time.monotonic() - start < 5.0 + 3.0, stats[-1]  # one timeout (the join wait) plus slack
+    assert stats[-1].num_subscribers == 1 and stats[-1].error is None and publisher.members == ("survivor",)
+    got = weights(survivor.events_until("weights", version=4))
+    assert got[0] == 1 and got[-1] == 4 and got == sorted(set(got))
+
+
+def test_template_mismatch_is_refused_and_the_group_stays_in_step(make_publisher, spawn) -> None:
+    publisher = make_publisher()
+    good = spawn("good")
+    good.events_until("started")
+    publish(publisher, 1)
+    odd = spawn("odd", "--mismatch")
+    assert odd.events_until("started")[-1]["snapshot_version"] is None  # snapshot v1 refused
+    stats = [publish(publisher, 2), publish(publisher, 3)]
+    assert [(s.num_subscribers, s.rebuilt, s.error) for s in stats] == [(2, True, None), (2, False, None)]
+    assert weights(good.events_until("weights", version=3)) == [1, 2, 3]
+    assert weights(odd.events_until("refused", count=3)) == []  # the snapshot and both broadcasts
+    final = odd.stop()
+    assert final["version"] is None and final["refused"] == 3
+
+
+def test_restarts_on_either_side_rebuild_the_group(make_publisher, spawn, redis_client, prefix) -> None:
+    publisher = make_publisher()
+    first = spawn("a")
+    first.events_until("started")
+    assert publish(publisher, 1).num_subscribers == 1
+    assert first.stop()["version"] == 1
+    redis_client.delete(stop_key(prefix, "a"))
+    second = spawn("a")  # same id, new process: a pod restarted under its name
+    events = second.events_until("started")
+    assert events[-1]["snapshot_version"] == 1 and weights(events) == [1]
+    stats = publish(publisher, 2)
+    assert stats.rebuilt and stats.num_subscribers == 1 and stats.error is None
+    publisher.close()
+    restarted = make_publisher()  # the learner restarts: new store, new port, generations go on
+    stats = publish(restarted, 3)
+    assert stats.rebuilt and stats.num_subscribers == 1 and stats.error is None
+    assert weights(second.events_until("weights", version=3)) == [2, 3]

@@ -1,0 +1,161 @@
+"""PPOLearnerCore: metric names and finiteness, and that PPO actually learns a one-step bandit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gsrl.config import AlgoConfig
+from gsrl.policy import build_policy
+from gsrl.policy.base import Policy
+from gsrl.trajectory import Segment
+from services.learner.core import PPOLearnerCore, TorchEngine, build_rollout_batch
+
+STATE_DIM, ACTION_DIM, CHUNK = 4, 2, 3
+SPEC = {"state": ((STATE_DIM,), "float32")}
+EXPECTED_METRICS = {
+    "actor/loss",
+    "actor/policy_loss",
+    "actor/value_loss",
+    "actor/grad_norm",
+    "actor/approx_kl",
+    "actor/pg_clipfrac",
+    "actor/value_clip_ratio",
+    "actor/entropy",
+    "actor/explained_variance",
+    "actor/num_samples",
+    "rollout/returns_mean",
+    "rollout/advantages_mean",
+    "rollout/values_mean",
+    "rollout/rewards_mean",
+}
+
+
+def _policy(seed: int = 0, **kwargs: object) -> Policy:
+    torch.manual_seed(seed)
+    return build_policy("gaussian_mlp", SPEC, ACTION_DIM, CHUNK, hidden_sizes=(64, 64), **kwargs)
+
+
+def _bandit_segments(policy: Policy, num_segments: int, length: int, gen: torch.Generator) -> list[Segment]:
+    """One-step episodes sampled from ``policy``: reward 1 iff the first action of the chunk has dim 0 > 0."""
+    segments = []
+    for _ in range(num_segments):
+        obs = {"state": torch.randn(length, STATE_DIM, generator=gen)}
+        out = policy.act(obs)
+        rewards = (out.action_chunk[:, 0, 0] > 0).float()
+        segments.append(
+            Segment(
+                observations=obs,
+                action_chunks=out.action_chunk,
+                logprobs=out.logprobs,
+                values=out.values,
+                rewards=rewards,
+                terminated=torch.ones(length, dtype=torch.bool),
+                truncated=torch.zeros(length, dtype=torch.bool),
+                next_values=torch.zeros(length),
+                policy_versions=torch.zeros(length, dtype=torch.int64),
+            )
+        )
+    return segments
+
+
+def _random_segments(policy: Policy, gen: torch.Generator) -> list[Segment]:
+    """Multi-step segments with episode ends in the middle, as a policy server would send them."""
+    segments = _bandit_segments(policy, num_segments=3, length=8, gen=gen)
+    for seg in segments:
+        seg.rewards = torch.randn(8, generator=gen)
+        seg.terminated = torch.zeros(8, dtype=torch.bool)
+        seg.terminated[3] = True
+        seg.truncated = torch.zeros(8, dtype=torch.bool)
+        seg.truncated[6] = True
+        seg.next_values = torch.cat([seg.values[1:], torch.randn(1, generator=gen)])
+        seg.next_values[3] = 0.0
+    return segments
+
+
+def test_build_rollout_batch_concatenates_segments() -> None:
+    policy = _policy()
+    segments = _random_segments(policy, torch.Generator().manual_seed(0))
+    segments[0].instructions = ["put the cube on the plate"]
+    batch = build_rollout_batch(segments, AlgoConfig())
+    assert batch.size == 24
+    assert batch.observations["state"].shape == (24, STATE_DIM)
+    assert batch.action_chunks.shape == (24, CHUNK, ACTION_DIM)
+    torch.testing.assert_close(batch.returns, batch.advantages + batch.old_values)
+    assert batch.instructions is not None and len(batch.instructions) == 24
+    assert batch.instructions[:8] == ["put the cube on the plate"] * 8 and batch.instructions[8] == ""
+
+
+def test_update_returns_finite_metrics_with_rlinf_names() -> None:
+    policy = _policy(obs_norm=True)
+    engine = TorchEngine(policy.parameters(), lr=3e-4, max_grad_norm=1.0)
+    core = PPOLearnerCore(policy, engine, AlgoConfig(entropy_coef=0.01), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = core.update(_random_segments(policy, torch.Generator().manual_seed(1)))
+    assert set(metrics) >= EXPECTED_METRICS
+    for name, value in metrics.items():
+        assert math.isfinite(value), name
+    assert metrics["actor/num_samples"] == 24
+    assert metrics["actor/num_minibatch_steps"] == 16  # 4 epochs x 4 minibatches
+    assert metrics["actor/grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    assert policy.obs_norm.count.item() > 20  # normalizer saw the batch
+
+
+def test_first_minibatch_of_fresh_data_has_ratio_one() -> None:
+    # On-policy data and one minibatch step: KL and clip fraction are measured before the step, so 0.
+    policy = _policy()
+    core = PPOLearnerCore(
+        policy,
+        TorchEngine(policy.parameters(), lr=3e-4, max_grad_norm=1.0),
+        AlgoConfig(update_epochs=1, num_minibatches=1),
+    )
+    metrics = core.update(_random_segments(policy, torch.Generator().manual_seed(2)))
+    assert metrics["actor/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["actor/pg_clipfrac"] == 0.0
+
+
+def test_target_kl_stops_early() -> None:
+    policy = _policy()
+    core = PPOLearnerCore(
+        policy,
+        TorchEngine(policy.parameters(), lr=0.05, max_grad_norm=0.0),
+        AlgoConfig(update_epochs=10, target_kl=1e-6),
+        generator=torch.Generator().manual_seed(0),
+    )
+    metrics = core.update(_random_segments(policy, torch.Generator().manual_seed(3)))
+    assert metrics["actor/early_stopped"] == 1.0
+    assert metrics["actor/num_minibatch_steps"] < 40
+
+
+def test_too_few_samples_for_minibatches_is_an_error() -> None:
+    policy = _policy()
+    core = PPOLearnerCore(policy, TorchEngine(policy.parameters(), lr=3e-4, max_grad_norm=1.0), AlgoConfig())
+    with pytest.raises(ValueError, match="minibatches"):
+        core.update(_bandit_segments(policy, num_segments=1, length=3, gen=torch.Generator().manual_seed(0)))
+
+
+def test_ppo_learns_one_step_bandit() -> None:
+    policy = _policy(seed=1)
+    algo = AlgoConfig(lr=3e-3)
+    core = PPOLearnerCore(
+        policy,
+        TorchEngine(policy.parameters(), lr=algo.lr, max_grad_norm=algo.max_grad_norm),
+        algo,
+        generator=torch.Generator().manual_seed(0),
+    )
+    gen = torch.Generator().manual_seed(0)
+    probe = {"state": torch.randn(512, STATE_DIM, generator=gen)}
+
+    def mean_first_action() -> float:
+        return float(policy.act(probe, deterministic=True).action_chunk[:, 0, 0].mean())
+
+    start = mean_first_action()
+    rewards = []
+    for _ in range(15):
+        metrics = core.update(_bandit_segments(policy, num_segments=8, length=32, gen=gen))
+        rewards.append(metrics["rollout/rewards_mean"])
+    assert mean_first_action() > start + 0.3
+    assert sum(rewards[-3:]) / 3 > 0.75  # started near 0.5 (a coin flip)

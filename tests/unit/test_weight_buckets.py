@@ -1,0 +1,98 @@
+"""Bucketing and layout hashing for the weight broadcast: pure functions, no processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsrl.weights import (
+    WIRE_DTYPES,
+    bucket_descriptor,
+    flatten_bucket,
+    layout_hash,
+    plan_buckets,
+    tensor_layout,
+    unflatten_bucket,
+)
+
+
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "encoder.weight": torch.randn(40, 30),  # 4800 B: larger than a 4 KiB bucket on its own
+        "encoder.bias": torch.randn(30),
+        "head.weight": torch.randn(6, 30).t(),  # non-contiguous source
+        "step": torch.tensor([7], dtype=torch.int64),
+        "counts": torch.arange(50, dtype=torch.int16),
+        "scale": torch.randn(5).to(torch.bfloat16),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 3),
+    }
+
+
+def round_trip(sd: dict[str, torch.Tensor], bucket_bytes: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for bucket in plan_buckets(tensor_layout(sd), bucket_bytes):
+        flat = flatten_bucket(bucket, sd, torch.device("cpu"))
+        assert flat.dtype == bucket.dtype and flat.numel() == bucket.numel
+        out.update(unflatten_bucket(bucket, flat.clone()))
+    return out
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 512, 4096, 1 << 20])
+def test_flatten_unflatten_round_trip(bucket_bytes: int) -> None:
+    sd = state()
+    out = round_trip(sd, bucket_bytes)
+    assert out.keys() == sd.keys()
+    for name, tensor in sd.items():
+        assert out[name].dtype == tensor.dtype and out[name].shape == tensor.shape, name
+        assert torch.equal(out[name], tensor), name
+
+
+def test_buckets_hold_one_dtype_and_respect_the_byte_bound() -> None:
+    layout = tensor_layout(state())
+    buckets = plan_buckets(layout, 4096)
+    assert sorted(s.name for b in buckets for s in b.specs) == sorted(s.name for s in layout)
+    for bucket in buckets:
+        assert all(spec.dtype == bucket.dtype for spec in bucket.specs)
+        assert bucket.nbytes <= 4096 or len(bucket.specs) == 1  # only a lone oversized tensor may exceed it
+    float_buckets = [[s.name for s in b.specs] for b in buckets if b.dtype == torch.float32]
+    # name order, greedy: the oversized encoder.weight closes the first bucket and sits alone
+    assert float_buckets == [["empty", "encoder.bias"], ["encoder.weight"], ["head.weight"]]
+    assert len(plan_buckets(layout, 1 << 20)) == len({s.dtype for s in layout})
+
+
+def test_descriptor_lists_wire_dtype_and_size() -> None:
+    buckets = plan_buckets(tensor_layout(state()), 4096)
+    rows = bucket_descriptor(buckets).tolist()
+    assert [(WIRE_DTYPES[code], numel) for code, numel in rows] == [(b.dtype, b.numel) for b in buckets]
+    assert bucket_descriptor(()).shape == (0, 2)
+
+
+def test_unflattened_tensors_are_views_of_the_given_buffer_only() -> None:
+    sd = {"a": torch.ones(2, 2), "b": torch.zeros(3)}
+    (bucket,) = plan_buckets(tensor_layout(sd), 1 << 10)
+    flat = flatten_bucket(bucket, sd, torch.device("cpu"))
+    sd["a"].fill_(5)  # the source may change after flattening (the learner keeps training)
+    out = unflatten_bucket(bucket, flat)
+    assert torch.equal(out["a"], torch.ones(2, 2)) and out["a"].is_contiguous()
+
+
+def test_layout_hash_changes_with_shape_dtype_or_name_but_not_order_or_values() -> None:
+    sd = state()
+    base = layout_hash(tensor_layout(sd))
+    assert layout_hash(tensor_layout(dict(reversed(list(sd.items()))))) == base
+    assert layout_hash(tensor_layout({k: torch.zeros_like(v) for k, v in sd.items()})) == base
+    assert layout_hash(tensor_layout({k: v.to("meta") for k, v in sd.items()})) == base  # a meta template works
+    assert layout_hash(tensor_layout({**sd, "encoder.weight": torch.randn(30, 40)})) != base  # same numel
+    assert layout_hash(tensor_layout({**sd, "step": torch.tensor([7], dtype=torch.int32)})) != base
+    renamed = {("decoder.bias" if k == "encoder.bias" else k): v for k, v in sd.items()}
+    assert layout_hash(tensor_layout(renamed)) != base
+    assert 0 <= base < 2**63
+
+
+def test_unsupported_dtype_and_bad_bucket_size_are_refused() -> None:
+    with pytest.raises(ValueError, match="complex"):
+        tensor_layout({"z": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets(tensor_layout(state()), 0)
