@@ -3,7 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
-export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: help setup proto run train-long test test-unit test-integration test-e2e lint format clean

@@ -236,6 +236,9 @@ class LearnerConfig:
     broadcast_port: int = 0
     advertise_host: str = "127.0.0.1"
     broadcast_timeout_s: float = 60.0
+    # Weight broadcast to policy servers: auto = nccl when the learner is on CUDA, else gloo. Use gloo
+    # when a policy server shares the learner's GPU (NCCL cannot put two ranks on one device).
+    broadcast_backend: str = "auto"
     # How long a rank waits for a full batch before logging that it is starved.
     read_block_ms: int = 2000
 
@@ -244,6 +247,9 @@ class LearnerConfig:
         _require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
         _require(self.segments_per_update >= 1, f"{key}.segments_per_update", "must be >= 1")
         _require(self.backend in ("auto", "gloo", "nccl"), f"{key}.backend", "must be auto, gloo or nccl")
+        _require(
+            self.broadcast_backend in ("auto", "gloo", "nccl"), f"{key}.broadcast_backend", "must be auto, gloo or nccl"
+        )
         _require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0 = never)")
         _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")

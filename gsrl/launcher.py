@@ -162,6 +162,7 @@ def summarize(client: redis.Redis, config: Config) -> dict[str, object]:
 
 
 def train(config: Config, run_dir: Path) -> int:
+    run_dir = run_dir.resolve()  # children run with cwd at the repository root
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -181,7 +182,6 @@ def train(config: Config, run_dir: Path) -> int:
         "GSRL_RUN_DIR": str(run_dir),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }
     common = ["--config", str(run_dir / "config.yaml")]
     fleet = Fleet()

@@ -29,7 +29,7 @@ class LocalRedis:
     """
 
     def __init__(self, data_dir: Path, port: int = 0, executable: str = "redis-server") -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server chdirs into it: relative paths would break
         self.port = port or free_port()
         self.executable = shutil.which(executable) or executable
         self.process: subprocess.Popen[bytes] | None = None

@@ -249,6 +249,7 @@ class _Group:
     members: tuple[str, ...]
     pg: dist.ProcessGroup
     store: dist.Store
+    device: torch.device  # where this backend's buffers live (the wire device)
     sent: int = 0  # messages announced in this generation
     broken: bool = field(default=False)
 
@@ -294,17 +295,13 @@ def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor, timeout_s: float) ->
     pg.broadcast([tensor], options).wait(_timedelta(timeout_s))
 
 
-def _check_backend(backend: str, device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+def _wire_device(backend: str, device: torch.device) -> torch.device:
+    """Where the buffers travel from: the GPU for NCCL; the CPU for gloo, whatever ``device`` the weights live on."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if backend == "nccl" and not dist.is_nccl_available():
-        raise ValueError("backend 'nccl' needs a CUDA build of torch")
-    if (backend == "nccl") != (device.type == "cuda"):
-        raise ValueError(
-            f"backend {backend!r} needs {'a cuda' if backend == 'nccl' else 'the cpu'} device, got {device}"
-        )
-    return device
+    if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise ValueError(f"backend 'nccl' needs a cuda device and a CUDA build of torch, got {device}")
+    return device if backend == "nccl" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------- publisher
@@ -325,7 +322,15 @@ class PublishStats:
 
 
 class WeightPublisher:
-    """Learner rank 0 only. ``publish`` never raises for a subscriber's failure: it reports it and moves on."""
+    """Learner rank 0 only. ``publish`` never raises for a subscriber's failure: it reports it and moves on.
+
+    ``bind_host``/``port`` is where the group's TCPStore listens (port 0: a free one, see ``self.port``);
+    ``advertise_host`` is how policy servers reach it (the learner pod's Service name or IP). ``gloo_hostname``
+    picks the address gloo itself binds (None: gloo's default, i.e. ``GLOO_SOCKET_IFNAME`` or this host's name).
+    ``device`` is where the learner's weights live: NCCL sends from it (it must be cuda), gloo through CPU buffers.
+    ``subscriber_ttl_s`` must be a few of the subscribers' ``heartbeat_s``. ``snapshot_every=k`` writes the Redis
+    snapshot on publishes 1, k+1, 2k+1, ... (0: never), since for a large model it costs a full CPU copy.
+    """
 
     def __init__(
         self,
@@ -348,7 +353,7 @@ class WeightPublisher:
         self._keys = _Keys(key_prefix)
         self._advertise_host = advertise_host
         self._backend = backend
-        self._device = _check_backend(backend, device)
+        self._wire = _wire_device(backend, torch.device(device))
         self._bucket_bytes = int(bucket_bytes)
         self._timeout_s = float(timeout_s)
         self._ttl_s = float(subscriber_ttl_s)
@@ -519,7 +524,7 @@ class WeightPublisher:
             self._backend, dist.PrefixStore("pg/", store), 0, len(members) + 1, self._timeout_s, self._gloo_hostname
         )
         logger.info("weight group generation %d: %s", generation, members)
-        return _Group(generation, tuple(members), pg, store), []
+        return _Group(generation, tuple(members), pg, store, self._wire), []
 
     def _send(
         self,
@@ -533,12 +538,12 @@ class WeightPublisher:
         self._redis.set(self._keys.announce, f"{group.generation}:{sequence}")
         group.sent = sequence  # only once announced: subscribers count the same messages we do
         header = [HEADER_MAGIC, group.generation, sequence, version, len(buckets), digest, 0, self._bucket_bytes]
-        _broadcast(group.pg, torch.tensor(header, dtype=torch.int64, device=self._device), self._timeout_s)
+        _broadcast(group.pg, torch.tensor(header, dtype=torch.int64, device=self._wire), self._timeout_s)
         if buckets:
-            _broadcast(group.pg, bucket_descriptor(buckets).to(self._device), self._timeout_s)
+            _broadcast(group.pg, bucket_descriptor(buckets).to(self._wire), self._timeout_s)
         payload = 0
         for bucket in buckets:
-            flat = flatten_bucket(bucket, state_dict, self._device)
+            flat = flatten_bucket(bucket, state_dict, self._wire)
             _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
             payload += bucket.nbytes
         return payload
@@ -561,6 +566,10 @@ class WeightSubscriber:
     fresh (safe to keep, on ``device``) and match the template's names, shapes and dtypes. The policy server must
     swap them in under its own lock between batches; while the callback runs, the next message waits (the publisher
     gives up after ``timeout_s``), so keep it to a pointer swap or a quick ``load_state_dict``.
+
+    ``backend=None`` follows the publisher's group: NCCL needs a cuda ``device``; gloo works with any ``device``
+    (received on the CPU, then copied). An explicit backend that differs from the group's is logged and not joined.
+    ``template`` only supplies names, shapes and dtypes (meta tensors will do).
     """
 
     def __init__(
@@ -571,7 +580,7 @@ class WeightSubscriber:
         on_weights: OnWeights,
         *,
         key_prefix: str = "gsrl",
-        backend: str = "gloo",
+        backend: str | None = None,
         device: str | torch.device = "cpu",
         timeout_s: float = 60.0,
         heartbeat_s: float = 2.0,
@@ -586,8 +595,10 @@ class WeightSubscriber:
         self._on_weights = on_weights
         self._key_prefix = key_prefix
         self._keys = _Keys(key_prefix)
-        self._backend = backend
-        self._device = _check_backend(backend, device)
+        self._backend = backend  # None: whatever the publisher's group uses
+        self._device = torch.device(device)
+        if backend is not None:
+            _wire_device(backend, self._device)  # fail at construction, not at the first group
         self._timeout_s = float(timeout_s)
         self._heartbeat_s = float(heartbeat_s)
         self._gloo_hostname = gloo_hostname
@@ -596,7 +607,8 @@ class WeightSubscriber:
         self._refused = 0
         self._seen_generation = 0
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._heartbeat_thread: threading.Thread | None = None
+        self._receive_thread: threading.Thread | None = None
 
     @property
     def version(self) -> int | None:
@@ -610,7 +622,7 @@ class WeightSubscriber:
 
     def start(self) -> int | None:
         """Load the latest snapshot (returns its version, or None), register as live, start the threads."""
-        if self._threads:
+        if self._receive_thread is not None:
             raise RuntimeError("WeightSubscriber.start() called twice")
         snapshot = read_snapshot(self._redis, self._key_prefix)
         if snapshot is not None:
@@ -620,23 +632,28 @@ class WeightSubscriber:
             else:
                 self._deliver({k: v.to(self._device) for k, v in tensors.items()}, version)
         self._heartbeat()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._receive_loop, "receive")):
-            thread = threading.Thread(target=target, name=f"weights-{name}-{self.subscriber_id}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        name = f"weights-{{}}-{self.subscriber_id}"
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat_loop, name=name.format("heartbeat"), daemon=True
+        )
+        self._receive_thread = threading.Thread(target=self._receive_loop, name=name.format("receive"), daemon=True)
+        self._heartbeat_thread.start()
+        self._receive_thread.start()
         return self._version
 
     def stop(self) -> None:
         """Deregister, leave the group, join the threads (up to about ``timeout_s`` if a transfer is under way)."""
         self._stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join()  # first, so that a heartbeat in flight cannot re-register us
         try:
             self._redis.zrem(self._keys.subscribers, self._member)
         except redis.RedisError as exc:
             logger.warning("weight subscriber %s: deregister failed: %s", self.subscriber_id, exc)
-        for thread in self._threads:
-            thread.join(2 * self._timeout_s + 5)
-            if thread.is_alive():
-                logger.warning("weight subscriber thread %s did not stop", thread.name)
+        if self._receive_thread is not None:
+            self._receive_thread.join(2 * self._timeout_s + 5)
+            if self._receive_thread.is_alive():
+                logger.warning("weight subscriber %s: receiver thread did not stop", self.subscriber_id)
 
     def _heartbeat(self) -> None:
         self._redis.zadd(self._keys.subscribers, {self._member: _redis_now(self._redis)})
@@ -649,8 +666,8 @@ class WeightSubscriber:
                 logger.warning("weight subscriber %s: heartbeat failed: %s", self.subscriber_id, exc)
 
     def _receive_loop(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.set_device(self._device)
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # the current device is per thread; NCCL work runs on this one
         while not self._stop.is_set():
             try:
                 info = self._next_generation()
@@ -674,8 +691,13 @@ class WeightSubscriber:
         self._seen_generation = int(info["generation"])
         if self._member not in info["members"]:
             return None
-        if info["backend"] != self._backend:
-            logger.error("weight group uses %s, this subscriber %s: not joining", info["backend"], self._backend)
+        backend = info["backend"]
+        try:
+            if self._backend not in (None, backend):
+                raise ValueError(f"this subscriber was configured for {self._backend}")
+            info["device"] = _wire_device(backend, self._device)
+        except ValueError as exc:
+            logger.error("weight subscriber %s: not joining a %s group: %s", self.subscriber_id, backend, exc)
             return None
         return info
 
@@ -700,10 +722,15 @@ class WeightSubscriber:
         if store.get("commit") != b"go":
             return None
         pg = _new_process_group(
-            self._backend, dist.PrefixStore("pg/", store), rank, len(members) + 1, self._timeout_s, self._gloo_hostname
+            info["backend"],
+            dist.PrefixStore("pg/", store),
+            rank,
+            len(members) + 1,
+            self._timeout_s,
+            self._gloo_hostname,
         )
         logger.info("weight subscriber %s joined generation %d as rank %d", self.subscriber_id, generation, rank)
-        return _Group(generation, members, pg, base)
+        return _Group(generation, members, pg, base, info["device"])
 
     def _serve(self, group: _Group) -> None:
         """Receive each announced message of this generation in order; return when the generation is replaced."""
@@ -723,29 +750,29 @@ class WeightSubscriber:
             self._stop.wait(self._poll_s)
 
     def _receive_one(self, group: _Group, sequence: int) -> None:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self._device)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=group.device)
         _broadcast(group.pg, header, self._timeout_s)
         magic, generation, seq, version, num_buckets, digest, _flags, bucket_bytes = header.tolist()
         if (magic, generation, seq) != (HEADER_MAGIC, group.generation, sequence):
             raise RuntimeError(
                 f"out of step: header {(magic, generation, seq)}, expected {group.generation}:{sequence}"
             )
-        descriptor = torch.empty((num_buckets, 2), dtype=torch.int64, device=self._device)
+        descriptor = torch.empty((num_buckets, 2), dtype=torch.int64, device=group.device)
         if num_buckets:
             _broadcast(group.pg, descriptor, self._timeout_s)
         sizes = [(WIRE_DTYPES[code], numel) for code, numel in descriptor.tolist()]
         plan = plan_buckets(self._layout, bucket_bytes) if digest == self._digest else ()
         if digest != self._digest or [(b.dtype, b.numel) for b in plan] != sizes:
             for dtype, numel in sizes:  # drain so the group stays in step, then drop
-                _broadcast(group.pg, _as_bytes(torch.empty(numel, dtype=dtype, device=self._device)), self._timeout_s)
+                _broadcast(group.pg, _as_bytes(torch.empty(numel, dtype=dtype, device=group.device)), self._timeout_s)
             self._refuse(version, "broadcast", f"layout hash {digest:#x} != template {self._digest:#x}")
             return
         tensors: dict[str, torch.Tensor] = {}
         for bucket in plan:
-            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=group.device)
             _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
             tensors.update(unflatten_bucket(bucket, flat))
-        self._deliver(tensors, version)
+        self._deliver({name: t.to(self._device) for name, t in tensors.items()}, version)
 
     def _deliver(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         if self._version is not None and version <= self._version:

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
     os.environ.setdefault("MASTER_PORT", str(config.learner.master_port))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+    # A timed-out NCCL broadcast to a dead policy server must raise, not tear the learner down.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     use_cuda = config.learner.device == "cuda" or (config.learner.device == "auto" and torch.cuda.is_available())
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

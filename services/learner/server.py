@@ -87,7 +87,9 @@ class Learner:
                 key_prefix=config.redis.key_prefix,
                 advertise_host=lc.advertise_host,
                 port=lc.broadcast_port,
-                backend="nccl" if self.device.type == "cuda" else "gloo",
+                backend=lc.broadcast_backend
+                if lc.broadcast_backend != "auto"
+                else ("nccl" if self.device.type == "cuda" else "gloo"),
                 device=self.device,
                 timeout_s=lc.broadcast_timeout_s,
             )
@@ -208,12 +210,19 @@ class Learner:
     def _publish(self) -> float:
         assert self.publisher is not None
         started = time.monotonic()
-        stats = self.publisher.publish(self.engine.module.state_dict(), self.version)
+        stats = self.publisher.publish(self._serving_state_dict(), self.version)
         elapsed = time.monotonic() - started
         self.metrics.broadcast_seconds.observe(elapsed)
         self.client.set(self.keys.policy_version, self.version)
         log.debug("published version %d to %d policy servers", self.version, stats.num_subscribers)
         return elapsed
+
+    def _serving_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights as the policy servers hold them (float32): a bf16 learner must not change their layout."""
+        return {
+            k: v.detach().float() if v.is_floating_point() else v.detach()
+            for k, v in self.engine.module.state_dict().items()
+        }
 
     def _write_progress(self, scalars: dict[str, float], started: float) -> None:
         record = {

@@ -233,8 +233,7 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
         template=policy.state_dict(),
         on_weights=on_weights,
         key_prefix=config.redis.key_prefix,
-        backend="nccl" if host.device.type == "cuda" else "gloo",
-        device=host.device,
+        device=host.device,  # the backend follows the learner's broadcast group (gloo or NCCL)
         timeout_s=config.learner.broadcast_timeout_s,
     )
     initial = subscriber.start()
