@@ -53,6 +53,34 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(resolve_config_path(args.config), args.overrides)
 
 
+def add_redis_url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("GSRL_REDIS_URL"),
+        help="redis://host:port/db of the trajectory stream (env GSRL_REDIS_URL; default: config redis.host/port)",
+    )
+
+
+def redis_url_of(args: argparse.Namespace, config: Config) -> str:
+    return args.redis_url or f"redis://{config.redis.host}:{config.redis.port}/{config.redis.db}"
+
+
+def parse_role_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, role: str
+) -> tuple[argparse.Namespace, Config]:
+    """Parse a role's command line, set up its logging, and load the validated config.
+
+    A config error ends the process with exit code 2 and a message naming the key, before anything starts.
+    """
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, role.format(**vars(args)))
+    try:
+        return args, config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
 def setup_logging(level: str, role: str) -> None:
     logging.basicConfig(
         level=getattr(logging, str(level).upper(), logging.INFO),
@@ -76,6 +104,7 @@ COMMANDS = {
     "env-server": ("services.env_server.__main__", "Run one env server (ManiSkill envs streaming to a policy server)."),
     "policy-server": ("services.policy_server.__main__", "Run one policy server (batched inference, segments)."),
     "learner": ("services.learner.__main__", "Run one learner rank (DeepSpeed PPO; RANK/WORLD_SIZE from env)."),
+    "eval": ("services.env_server.evaluate", "Evaluate a checkpoint in-process: success rate, return, episode length."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }
 

@@ -227,6 +227,7 @@ class LearnerConfig:
     backend: str = "auto"
     device: str = "auto"
     bf16: bool = False
+    # Checkpoint every N updates (0 = only when the learner stops; it always saves then).
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
     resume: bool = True
@@ -250,7 +251,7 @@ class LearnerConfig:
         _require(
             self.broadcast_backend in ("auto", "gloo", "nccl"), f"{key}.broadcast_backend", "must be auto, gloo or nccl"
         )
-        _require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0 = never)")
+        _require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0 = only at the end)")
         _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
         _require(self.broadcast_timeout_s > 0, f"{key}.broadcast_timeout_s", "must be > 0")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import redis
 
-from gsrl.cli import add_config_arguments, config_from_args, setup_logging
-from gsrl.config import Config, ConfigError, dump_config
+from gsrl.cli import add_config_arguments, parse_role_arguments
+from gsrl.config import Config, dump_config
 from gsrl.redis_server import LocalRedis, free_port
 from gsrl.stream import StreamKeys, read_counter
 
@@ -272,12 +272,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl train") -> int:
     )
     add_config_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.output_dir>/<run.name>-<time>)")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "train")
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args, config = parse_role_arguments(parser, argv, "train")
     run_dir = (
         Path(args.run_dir)
         if args.run_dir

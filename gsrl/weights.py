@@ -1,4 +1,8 @@
-"""Versioned weight broadcast from learner rank 0 to the policy servers.
+"""Versioned weight broadcast from learner rank 0 to the policy servers: the group protocol and its two ends.
+
+This module is the live channel: who is in the broadcast group, when it is rebuilt, and how each publish travels.
+What the bytes look like (layout, hash, buckets) lives in ``gsrl.weight_layout``; the Redis snapshot that a policy
+server loads at start lives in ``gsrl.weight_snapshot``.
 
 The broadcast group is not DeepSpeed's world: the publisher (learner rank 0) hosts its own ``TCPStore`` and builds a
 ``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (GPU) directly over a ``PrefixStore`` that names the group
@@ -14,16 +18,14 @@ Redis holds the control state (keys under ``{key_prefix}:weights:``):
 - ``announce``: ``"{generation}:{messages sent}"``. A subscriber posts a receive only for an announced message. Gloo
   cannot cancel a posted receive (``abort``/``shutdown``/``del`` all wait for it to time out), so a subscriber that
   sat in a receive between publishes could neither stop promptly nor notice that its group was replaced.
-- ``version``, ``snapshot:meta`` + ``snapshot:{version}:{i}``: the latest weights as safetensors bytes (no pickle),
-  in chunks because a Redis string holds at most 512 MiB, written in one MULTI so readers never see a torn snapshot.
+- ``version``, ``snapshot:meta`` + ``snapshot:{version}:{i}``: the latest weights (see ``gsrl.weight_snapshot``).
 
 A publish reads the live set; if it differs from the group's members the publisher moves to a new generation
 (two-phase: each member sets ``joined/{rank}`` in the store, then the publisher sets ``commit`` to ``go`` or
 ``abort``), so a member that died but still looks live costs at most ``timeout_s`` and is left out, never a hang.
-Each message is a header (int64), a bucket descriptor, then the buckets: tensors grouped by dtype into flat buffers
-of at most ``bucket_bytes`` (one tensor larger than that gets its own), sent as bytes so every dtype works on
-gloo and NCCL alike. The subscriber checks the layout hash against its template and refuses a mismatch (it still
-receives the bytes, so the group stays in step).
+Each message is a header (int64), a bucket descriptor, then the buckets (see ``gsrl.weight_layout``). The
+subscriber checks the layout hash against its template and refuses a mismatch (it still receives the bytes, so the
+group stays in step).
 
 NCCL: by default PyTorch tears the process down when a NCCL collective times out
 (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``); entry points that use ``backend="nccl"`` should set it to ``2`` so a dead
@@ -33,7 +35,6 @@ policy server costs one failed publish instead of the learner.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import socket
@@ -41,136 +42,35 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis
-import safetensors.torch
 import torch
 import torch.distributed as dist
+
+from gsrl.weight_layout import (
+    WIRE_DTYPES,
+    Bucket,
+    as_bytes,
+    bucket_descriptor,
+    flatten_bucket,
+    layout_diff,
+    layout_hash,
+    plan_buckets,
+    tensor_layout,
+    unflatten_bucket,
+)
+from gsrl.weight_snapshot import read_snapshot, write_snapshot, write_version
 
 logger = logging.getLogger(__name__)
 
 HEADER_MAGIC = 0x6773726C  # "gsrl"
 # magic, generation, sequence, version, num_buckets, layout_hash, flags (reserved, 0), bucket_bytes
 HEADER_LEN = 8
-# Wire codes for dtypes: the position in this tuple. Append only; never reorder.
-WIRE_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
-)  # fmt: skip
-SNAPSHOT_CHUNK_BYTES = 256 << 20
 _POLL_S = 0.02
 
 
-# ---------------------------------------------------------------- layout and buckets (pure functions)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What must agree between publisher and subscriber for one tensor: name, shape and dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """One flat buffer of a single dtype; ``specs`` are laid out back to back in order."""
-
-    dtype: torch.dtype
-    specs: tuple[TensorSpec, ...]
-
-    @property
-    def numel(self) -> int:
-        return sum(spec.numel for spec in self.specs)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def tensor_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
-    """Specs sorted by name, so insertion order never changes the wire layout. Meta tensors are fine."""
-    layout = tuple(TensorSpec(name, tuple(t.shape), t.dtype) for name, t in sorted(state_dict.items()))
-    for spec in layout:
-        if spec.dtype not in WIRE_DTYPES:
-            raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which the weight broadcast does not carry")
-    return layout
-
-
-def layout_hash(layout: Sequence[TensorSpec]) -> int:
-    """A 63-bit digest of names, shapes and dtypes (fits the int64 header, never negative)."""
-    digest = hashlib.sha256()
-    for spec in layout:
-        digest.update(f"{spec.name}|{','.join(map(str, spec.shape))}|{spec.dtype}\n".encode())
-    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def plan_buckets(layout: Sequence[TensorSpec], bucket_bytes: int) -> tuple[Bucket, ...]:
-    """Group by dtype (in wire-code order), then pack in name order up to ``bucket_bytes`` per bucket.
-
-    Deterministic in (layout, bucket_bytes), so the subscriber rebuilds the same plan from its template and the
-    header's ``bucket_bytes``; only the sizes travel (in the descriptor) so a mismatched subscriber can still drain.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buckets: list[Bucket] = []
-    for dtype in WIRE_DTYPES:
-        current: list[TensorSpec] = []
-        current_bytes = 0
-        for spec in (s for s in layout if s.dtype == dtype):
-            size = spec.numel * _itemsize(dtype)
-            if current and current_bytes + size > bucket_bytes:
-                buckets.append(Bucket(dtype, tuple(current)))
-                current, current_bytes = [], 0
-            current.append(spec)
-            current_bytes += size
-        if current:
-            buckets.append(Bucket(dtype, tuple(current)))
-    return tuple(buckets)
-
-
-def bucket_descriptor(buckets: Sequence[Bucket]) -> torch.Tensor:
-    """``[num_buckets, 2]`` int64 of (wire dtype code, numel): enough to receive without knowing the layout."""
-    rows = [[WIRE_DTYPES.index(b.dtype), b.numel] for b in buckets]
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
-
-
-def flatten_bucket(bucket: Bucket, state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Copy the bucket's tensors into one new flat buffer on ``device`` (detached; any source device)."""
-    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
-    offset = 0
-    for spec in bucket.specs:
-        flat[offset : offset + spec.numel].copy_(state_dict[spec.name].detach().reshape(-1))
-        offset += spec.numel
-    return flat
-
-
-def unflatten_bucket(bucket: Bucket, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` shaped as the specs; they share ``flat``'s memory, so hand out a fresh ``flat`` each time."""
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for spec in bucket.specs:
-        out[spec.name] = flat[offset : offset + spec.numel].view(spec.shape)
-        offset += spec.numel
-    return out
-
-
-def _as_bytes(flat: torch.Tensor) -> torch.Tensor:
-    """Gloo rejects some dtypes (int16, float8); every backend carries uint8, and a 1-D contiguous view is free."""
-    return flat.view(torch.uint8)
-
-
-# ---------------------------------------------------------------- Redis keys and the snapshot
+# ---------------------------------------------------------------- Redis keys
 
 
 class _Keys:
@@ -180,64 +80,12 @@ class _Keys:
         self.generation = f"{base}:generation"
         self.group = f"{base}:group"
         self.announce = f"{base}:announce"
-        self.version = f"{base}:version"
-        self.snapshot_meta = f"{base}:snapshot:meta"
-        self.snapshot_chunk = f"{base}:snapshot:{{version}}:{{index}}"
         self.store_prefix = f"{key_prefix}/weights/gen{{generation}}/"
 
 
 def _redis_now(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return float(seconds) + float(micros) / 1e6
-
-
-def write_snapshot(
-    client: redis.Redis,
-    key_prefix: str,
-    state_dict: Mapping[str, torch.Tensor],
-    version: int,
-    chunk_bytes: int = SNAPSHOT_CHUNK_BYTES,
-) -> int:
-    """Store the weights as safetensors bytes in one MULTI (chunks + meta + version); returns the bytes written.
-
-    The previous version's chunks expire after a minute instead of vanishing, so a reader that fetched the old meta
-    can still finish.
-    """
-    keys = _Keys(key_prefix)
-    # copy=True: safetensors refuses tensors that share storage (tied weights, views).
-    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state_dict.items()}
-    blob = safetensors.torch.save(cpu, metadata={"version": str(version)})
-    chunks = [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)] or [b""]
-    previous = client.get(keys.snapshot_meta)
-    meta = {"version": version, "chunks": len(chunks), "nbytes": len(blob)}
-    with client.pipeline(transaction=True) as pipe:
-        for index, chunk in enumerate(chunks):
-            pipe.set(keys.snapshot_chunk.format(version=version, index=index), chunk)
-        pipe.set(keys.snapshot_meta, json.dumps(meta))
-        pipe.set(keys.version, version)
-        old = json.loads(previous) if previous is not None else None
-        if old is not None and int(old["version"]) != version:
-            for index in range(int(old["chunks"])):
-                pipe.expire(keys.snapshot_chunk.format(version=old["version"], index=index), 60)
-        pipe.execute()
-    return len(blob)
-
-
-def read_snapshot(client: redis.Redis, key_prefix: str) -> tuple[dict[str, torch.Tensor], int] | None:
-    """The latest snapshot as CPU tensors and its version, or None if there is none."""
-    keys = _Keys(key_prefix)
-    for _ in range(3):  # a publisher may replace the snapshot between our two reads; then read the new one
-        raw_meta = client.get(keys.snapshot_meta)
-        if raw_meta is None:
-            return None
-        meta = json.loads(raw_meta)
-        with client.pipeline(transaction=True) as pipe:
-            for index in range(int(meta["chunks"])):
-                pipe.get(keys.snapshot_chunk.format(version=meta["version"], index=index))
-            chunks = pipe.execute()
-        if all(chunk is not None for chunk in chunks):
-            return safetensors.torch.load(b"".join(chunks)), int(meta["version"])
-    return None
 
 
 # ---------------------------------------------------------------- process groups
@@ -248,10 +96,10 @@ class _Group:
     generation: int
     members: tuple[str, ...]
     pg: dist.ProcessGroup
-    store: dist.Store
+    store: dist.Store  # held for the group's lifetime
     device: torch.device  # where this backend's buffers live (the wire device)
     sent: int = 0  # messages announced in this generation
-    broken: bool = field(default=False)
+    broken: bool = False
 
     def close(self) -> None:
         """NCCL wants ``abort`` after a failure and ``shutdown`` otherwise; gloo accepts both."""
@@ -271,7 +119,11 @@ def _timedelta(seconds: float) -> datetime.timedelta:
 def _new_process_group(
     backend: str, store: dist.Store, rank: int, size: int, timeout_s: float, gloo_hostname: str | None
 ) -> dist.ProcessGroup:
-    """Construct the backend directly (no ``init_process_group``: the learner already has DeepSpeed's world)."""
+    """Construct the backend directly (no ``init_process_group``: the learner already has DeepSpeed's world).
+
+    The backend's own keys go under ``pg/`` in ``store``, apart from the join handshake (``joined/*``, ``commit``).
+    """
+    store = dist.PrefixStore("pg/", store)
     timeout = _timedelta(timeout_s)
     if backend == "gloo":
         if gloo_hostname is None:  # default device: GLOO_SOCKET_IFNAME, else the address of this host's name
@@ -437,7 +289,7 @@ class WeightPublisher:
             if self._snapshot_every and (self._publishes - 1) % self._snapshot_every == 0:
                 snapshot_bytes = write_snapshot(self._redis, self._key_prefix, state_dict, version)
             else:
-                self._redis.set(self._keys.version, version)
+                write_version(self._redis, self._key_prefix, version)
         except redis.RedisError as exc:
             error = error or f"snapshot failed: {exc}"
             logger.warning("weights v%d: snapshot to Redis failed: %s", version, exc)
@@ -520,9 +372,7 @@ class WeightPublisher:
             store.set("commit", "abort")
             return None, [members[rank - 1] for rank in sorted(pending)]
         store.set("commit", "go")
-        pg = _new_process_group(
-            self._backend, dist.PrefixStore("pg/", store), 0, len(members) + 1, self._timeout_s, self._gloo_hostname
-        )
+        pg = _new_process_group(self._backend, store, 0, len(members) + 1, self._timeout_s, self._gloo_hostname)
         logger.info("weight group generation %d: %s", generation, members)
         return _Group(generation, tuple(members), pg, store, self._wire), []
 
@@ -544,7 +394,7 @@ class WeightPublisher:
         payload = 0
         for bucket in buckets:
             flat = flatten_bucket(bucket, state_dict, self._wire)
-            _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
+            _broadcast(group.pg, as_bytes(flat), self._timeout_s)
             payload += bucket.nbytes
         return payload
 
@@ -627,8 +477,9 @@ class WeightSubscriber:
         snapshot = read_snapshot(self._redis, self._key_prefix)
         if snapshot is not None:
             tensors, version = snapshot
-            if tensor_layout(tensors) != self._layout:
-                self._refuse(version, "snapshot", _layout_diff(self._layout, tensor_layout(tensors)))
+            layout = tensor_layout(tensors)
+            if layout != self._layout:
+                self._refuse(version, "snapshot", layout_diff(self._layout, layout))
             else:
                 self._deliver({k: v.to(self._device) for k, v in tensors.items()}, version)
         self._heartbeat()
@@ -721,14 +572,7 @@ class WeightSubscriber:
             time.sleep(self._poll_s / 2)
         if store.get("commit") != b"go":
             return None
-        pg = _new_process_group(
-            info["backend"],
-            dist.PrefixStore("pg/", store),
-            rank,
-            len(members) + 1,
-            self._timeout_s,
-            self._gloo_hostname,
-        )
+        pg = _new_process_group(info["backend"], store, rank, len(members) + 1, self._timeout_s, self._gloo_hostname)
         logger.info("weight subscriber %s joined generation %d as rank %d", self.subscriber_id, generation, rank)
         return _Group(generation, members, pg, base, info["device"])
 
@@ -762,16 +606,16 @@ class WeightSubscriber:
             _broadcast(group.pg, descriptor, self._timeout_s)
         sizes = [(WIRE_DTYPES[code], numel) for code, numel in descriptor.tolist()]
         plan = plan_buckets(self._layout, bucket_bytes) if digest == self._digest else ()
-        if digest != self._digest or [(b.dtype, b.numel) for b in plan] != sizes:
-            for dtype, numel in sizes:  # drain so the group stays in step, then drop
-                _broadcast(group.pg, _as_bytes(torch.empty(numel, dtype=dtype, device=group.device)), self._timeout_s)
+        matches = digest == self._digest and [(b.dtype, b.numel) for b in plan] == sizes
+        tensors: dict[str, torch.Tensor] = {}
+        for index, (dtype, numel) in enumerate(sizes):  # on a mismatch, drain anyway so the group stays in step
+            flat = torch.empty(numel, dtype=dtype, device=group.device)
+            _broadcast(group.pg, as_bytes(flat), self._timeout_s)
+            if matches:
+                tensors.update(unflatten_bucket(plan[index], flat))
+        if not matches:
             self._refuse(version, "broadcast", f"layout hash {digest:#x} != template {self._digest:#x}")
             return
-        tensors: dict[str, torch.Tensor] = {}
-        for bucket in plan:
-            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=group.device)
-            _broadcast(group.pg, _as_bytes(flat), self._timeout_s)
-            tensors.update(unflatten_bucket(bucket, flat))
         self._deliver({name: t.to(self._device) for name, t in tensors.items()}, version)
 
     def _deliver(self, tensors: dict[str, torch.Tensor], version: int) -> None:
@@ -794,16 +638,3 @@ class WeightSubscriber:
             version,
             why,
         )
-
-
-def _layout_diff(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec], limit: int = 5) -> str:
-    """A short human answer to 'what differs' (names missing or extra, shape or dtype changes)."""
-    want, got = {s.name: s for s in expected}, {s.name: s for s in actual}
-    lines = [f"missing {n}" for n in sorted(want.keys() - got.keys())]
-    lines += [f"unexpected {n}" for n in sorted(got.keys() - want.keys())]
-    lines += [
-        f"{n}: {got[n].shape}/{got[n].dtype} != {want[n].shape}/{want[n].dtype}"
-        for n in sorted(want.keys() & got.keys())
-        if want[n] != got[n]
-    ]
-    return "; ".join(lines[:limit]) + (f" (+{len(lines) - limit} more)" if len(lines) > limit else "")

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gsrl.cli import add_config_arguments, config_from_args, setup_logging
-from gsrl.config import ConfigError
+from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.metrics import EnvServerMetrics, MetricsServer
 from services.env_server.core import EnvBatch
 from services.env_server.server import EnvServer
@@ -34,12 +33,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
         default=os.environ.get("POD_NAME") or f"env-{socket.gethostname()}-{os.getpid()}",
         help="stable id shown in logs (env POD_NAME)",
     )
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, f"env-server {args.index}")
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args, config = parse_role_arguments(parser, argv, "env-server {index}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics is single-threaded per env
     es, task = config.env_server, config.task
     batch = EnvBatch(

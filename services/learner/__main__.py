@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gsrl.cli import add_config_arguments, config_from_args, setup_logging
-from gsrl.config import ConfigError
+from gsrl.cli import add_config_arguments, add_redis_url_argument, parse_role_arguments, redis_url_of
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
@@ -21,24 +20,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
         "PPO with DeepSpeed, checkpoint, broadcast weights to policy servers.",
     )
     add_config_arguments(parser)
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("GSRL_REDIS_URL"),
-        help="redis://host:port/db (env GSRL_REDIS_URL; default from config)",
-    )
+    add_redis_url_argument(parser)
     parser.add_argument(
         "--run-dir",
         default=os.environ.get("GSRL_RUN_DIR"),
         help="where TensorBoard logs and checkpoints go (env GSRL_RUN_DIR)",
     )
-    args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    setup_logging(args.log_level, f"learner {rank}")
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args, config = parse_role_arguments(parser, argv, f"learner {rank}")
     if world_size != config.learner.world_size:
         parser.error(f"WORLD_SIZE={world_size} but config key 'learner.world_size' is {config.learner.world_size}")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -60,7 +50,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
     deepspeed.init_distributed(dist_backend=backend)
     from services.learner.server import serve
 
-    redis_url = args.redis_url or f"redis://{config.redis.host}:{config.redis.port}/{config.redis.db}"
+    redis_url = redis_url_of(args, config)
     run_dir = args.run_dir or os.path.join(config.run.output_dir, config.run.name)
     serve(config, redis_url, run_dir, rank, world_size)
     return 0

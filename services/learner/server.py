@@ -150,7 +150,7 @@ class Learner:
                 save_checkpoint(
                     self.run_dir, self.engine, self.updates, self.version, self.rank, cfg.learner.keep_checkpoints
                 )
-        if self.updates and cfg.learner.checkpoint_every:
+        if self.updates:  # always at the end, so a stopped run can resume where it was
             save_checkpoint(
                 self.run_dir, self.engine, self.updates, self.version, self.rank, cfg.learner.keep_checkpoints
             )

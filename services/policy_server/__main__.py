@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gsrl.cli import add_config_arguments, config_from_args, setup_logging
-from gsrl.config import ConfigError
+from gsrl.cli import add_config_arguments, add_redis_url_argument, parse_role_arguments, redis_url_of
 from services.policy_server.server import serve
 
 
@@ -21,21 +20,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl policy-server") ->
         "inference, and append trajectory segments to Redis.",
     )
     add_config_arguments(parser)
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("GSRL_REDIS_URL"),
-        help="redis://host:port/db of the trajectory stream (env GSRL_REDIS_URL; default from config)",
-    )
+    add_redis_url_argument(parser)
     parser.add_argument("--id", default=os.environ.get("POD_NAME"), help="stable server id (env POD_NAME)")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "policy-server")
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args, config = parse_role_arguments(parser, argv, "policy-server")
     torch.set_num_threads(int(os.environ.get("GSRL_TORCH_THREADS", "1")))
-    redis_url = args.redis_url or f"redis://{config.redis.host}:{config.redis.port}/{config.redis.db}"
-    serve(config, redis_url, server_id=args.id)
+    serve(config, redis_url_of(args, config), server_id=args.id)
     return 0
 
 

@@ -65,7 +65,9 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
         self.producer = producer
         self.metrics = metrics
         self.task_id = task_id
-        self.env_steps = 0  # env steps reported by all streams; the serve loop publishes the running total
+        # Env steps reported by all streams (one handler thread each); the serve loop publishes the total.
+        self.env_steps = 0
+        self._env_steps_lock = threading.Lock()
 
     def _invalid(self, context: grpc.ServicerContext, rpc: str, message: str) -> None:
         self.metrics.invalid_requests.labels(rpc).inc()
@@ -94,7 +96,8 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                 except (InvalidObservation, codec.TensorDecodeError) as exc:
                     self._invalid(context, "Rollout", str(exc))
                 self.metrics.requests.labels("Rollout").inc()
-                self.env_steps += request.step.env_steps
+                with self._env_steps_lock:
+                    self.env_steps += request.step.env_steps
                 for segment in assembler.record(outcome):
                     self._append(segment)
                 if outcome.rewards is not None:

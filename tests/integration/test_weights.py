@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from gsrl.redis_server import LocalRedis
-from gsrl.weights import PublishStats, WeightPublisher, plan_buckets, tensor_layout
+from gsrl.weight_layout import plan_buckets, tensor_layout
+from gsrl.weights import PublishStats, WeightPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _weights_subscriber import events_key, make_state, stop_key  # noqa: E402

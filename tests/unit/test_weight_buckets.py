@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsrl.weights import (
+from gsrl.weight_layout import (
     WIRE_DTYPES,
     bucket_descriptor,
     flatten_bucket,

@@ -1,0 +1,48 @@
+"""The `gsrl` command line: help text, unknown commands, and config errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from gsrl.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_no_arguments_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: gsrl" in capsys.readouterr().out
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_config_prints_effective_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "-c", "state_ppo", "algo.clip_ratio=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_ratio: 0.3" in out and "segments_per_update: 16" in out
+
+
+def test_config_error_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "learner.zero_stag=2"]) == 2
+    err = capsys.readouterr().err
+    assert "'learner.zero_stag'" in err and "did you mean 'learner.zero_stage'" in err
+
+
+def test_role_commands_reject_bad_config_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["policy-server", "policy_server.max_batch_size=0"])
+    assert exit_info.value.code == 2
+    assert "'policy_server.max_batch_size'" in capsys.readouterr().err
+
+
+def test_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "-c", "no_such_preset"]) == 2
+    assert "presets: state_ppo" in capsys.readouterr().err
