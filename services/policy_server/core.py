@@ -305,9 +305,19 @@ class SegmentAssembler:
         return ready
 
     def flush(self) -> list[Segment]:
-        """Completed transitions that did not fill a segment (stream closing): kept, not lost."""
+        """Completed transitions that did not fill a segment (stream closing): kept, not lost.
+
+        The last transition of each is marked truncated: the env's trajectory stops here for this
+        stream (its env server may be scaled away), so GAE bootstraps from its ``next_value``.
+        """
         self._pending = [None] * self.num_envs
-        return [self._cut(env) for env in range(self.num_envs) if self._done[env]]
+        segments = []
+        for env in range(self.num_envs):
+            if self._done[env]:
+                last = self._done[env][-1]
+                last.truncated = last.truncated or not last.terminated
+                segments.append(self._cut(env))
+        return segments
 
     @property
     def buffered_transitions(self) -> int:

@@ -1,0 +1,126 @@
+"""Elastic env servers: scale from 1 to 3 mid-run, SIGTERM two of them, and nothing is lost.
+
+Each role is its own process, started the way pods are (one command per role, one shared config),
+against a real redis-server. Scaling never restarts the learner or the policy server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from gsrl.config import dump_config, load_config
+from gsrl.launcher import Child, effective_config, spawn
+from gsrl.redis_server import LocalRedis, free_port
+from gsrl.stream import StreamKeys, read_counter
+
+OVERRIDES = [
+    "env_server.num_envs=2",
+    "task.max_episode_steps=10",
+    "policy.hidden_sizes=[32]",
+    "policy_server.segment_length=4",
+    "learner.segments_per_update=2",
+    "redis.max_stream_len=8",
+    "algo.update_epochs=1",
+    "algo.num_minibatches=2",
+    "algo.max_policy_lag=3",
+    "learner.checkpoint_every=0",
+    "learner.metrics_port=0",
+    "env_server.metrics_port=0",
+    "run.duration_s=0",
+]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float, children: list[Child]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for child in children:
+            assert child.process.poll() is None, f"{child.name} exited early:\n{child.tail(40)}"
+        time.sleep(0.25)
+    logs = "\n".join(f"--- {c.name}\n{c.tail(20)}" for c in children)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs}")
+
+
+def scrape(port: int, metric: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(metric + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{metric} not exported")
+
+
+def test_scale_up_and_down_mid_run(tmp_path: Path) -> None:
+    with LocalRedis(tmp_path / "redis") as local_redis:
+        metrics_port = free_port()
+        config = effective_config(
+            load_config("configs/state_ppo.yaml", [*OVERRIDES, f"policy_server.metrics_port={metrics_port}"]),
+            local_redis.port,
+        )
+        config_path = tmp_path / "run.yaml"
+        dump_config(config, config_path)
+        client = redis.Redis(port=local_redis.port)
+        keys = StreamKeys(config.redis.key_prefix, config.redis.stream)
+        env = {
+            **os.environ,
+            "GSRL_REDIS_URL": local_redis.url,
+            "GSRL_RUN_DIR": str(tmp_path / "run"),
+            "OMP_NUM_THREADS": "1",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(config.learner.master_port),
+        }
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        common = ["--config", str(config_path)]
+
+        def updates() -> int:
+            return int(client.hget(f"{config.redis.key_prefix}:stats:learner", "updates") or 0)
+
+        def streams() -> float:
+            return scrape(metrics_port, "gsrl_policy_connected_streams")
+
+        learner = spawn("learner", "learner", common, env, logs)
+        policy = spawn("policy_server", "policy", common, env, logs)
+        envs = [spawn("env_server", "env-0", [*common, "--index", "0", "--id", "env-0"], env, logs)]
+        children = [learner, policy, *envs]
+        try:
+            wait_for(lambda: updates() >= 2, "two updates with one env server", 240, children)
+            for i in (1, 2):  # kubectl scale --replicas=3
+                envs.append(
+                    spawn("env_server", f"env-{i}", [*common, "--index", str(i), "--id", f"env-{i}"], env, logs)
+                )
+            children = [learner, policy, *envs]
+            wait_for(lambda: streams() == 3, "three connected env servers", 240, children)
+            before = updates()
+            wait_for(lambda: updates() >= before + 2, "updates with three env servers", 240, children)
+
+            for child in envs[:2]:  # kubectl scale --replicas=1: two pods get SIGTERM
+                child.process.send_signal(signal.SIGTERM)
+            for child in envs[:2]:
+                assert child.process.wait(60) == 0, child.tail(40)
+            children = [learner, policy, envs[2]]
+            wait_for(lambda: streams() == 1, "the two env servers to be gone", 60, children)
+            before = updates()
+            wait_for(lambda: updates() >= before + 2, "the run to go on with one env server", 240, children)
+        finally:
+            for child in [*envs, policy, learner]:  # the order the launcher uses: producers first
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+                    child.process.wait(120)
+        produced = read_counter(client, keys.produced)
+        consumed = read_counter(client, keys.consumed)
+        dropped = read_counter(client, keys.dropped)
+        in_stream = int(client.xlen(keys.stream))
+        assert produced > 0 and consumed > 0
+        assert produced == consumed + dropped + in_stream, (produced, consumed, dropped, in_stream)
+        assert policy.process.returncode == 0 and learner.process.returncode == 0
+        client.close()
