@@ -105,6 +105,7 @@ COMMANDS = {
     "policy-server": ("services.policy_server.__main__", "Run one policy server (batched inference, segments)."),
     "learner": ("services.learner.__main__", "Run one learner rank (DeepSpeed PPO; RANK/WORLD_SIZE from env)."),
     "eval": ("services.env_server.evaluate", "Evaluate a checkpoint in-process: success rate, return, episode length."),
+    "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }
 
