@@ -1,12 +1,15 @@
 """Elastic env servers: scale from 1 to 3 mid-run, SIGTERM two of them, and nothing is lost.
 
 Each role is its own process, started the way pods are (one command per role, one shared config),
-against a real redis-server. Scaling never restarts the learner or the policy server.
+against a real redis-server. Scaling never restarts the learner or the policy server. The same run
+checks that every metric the Grafana dashboard queries is exported by one of the running roles.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -20,6 +23,7 @@ from gsrl.launcher import Child, effective_config, spawn
 from gsrl.redis_server import LocalRedis, free_port
 from gsrl.stream import StreamKeys, read_counter
 
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/helm/gsrl/dashboards/gsrl.json"
 OVERRIDES = [
     "env_server.num_envs=2",
     "task.max_episode_steps=10",
@@ -49,8 +53,23 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float, childre
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs}")
 
 
+def metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def declared_series(text: str) -> set[str]:
+    """Family and series names a /metrics page declares in its # TYPE lines (declared even before a labelled
+    family has samples), with the suffixes each type exposes."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M):
+        base = family.removesuffix("_total") if kind == "counter" else family
+        names |= {base, family} | {base + suffix for suffix in suffixes.get(kind, ())}
+    return names
+
+
 def scrape(port: int, metric: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = metrics_text(port)
     for line in text.splitlines():
         if line.startswith(metric + " "):
             return float(line.split()[1])
@@ -59,11 +78,13 @@ def scrape(port: int, metric: str) -> float:
 
 def test_scale_up_and_down_mid_run(tmp_path: Path) -> None:
     with LocalRedis(tmp_path / "redis") as local_redis:
-        metrics_port = free_port()
-        config = effective_config(
-            load_config("configs/state_ppo.yaml", [*OVERRIDES, f"policy_server.metrics_port={metrics_port}"]),
-            local_redis.port,
-        )
+        metrics_port, learner_port, env_port = free_port(), free_port(), free_port()
+        ports = [
+            f"policy_server.metrics_port={metrics_port}",
+            f"learner.metrics_port={learner_port}",
+            f"env_server.metrics_port={env_port}",
+        ]
+        config = effective_config(load_config("configs/state_ppo.yaml", [*OVERRIDES, *ports]), local_redis.port)
         config_path = tmp_path / "run.yaml"
         dump_config(config, config_path)
         client = redis.Redis(port=local_redis.port)
@@ -111,6 +132,10 @@ def test_scale_up_and_down_mid_run(tmp_path: Path) -> None:
             wait_for(lambda: streams() == 1, "the two env servers to be gone", 60, children)
             before = updates()
             wait_for(lambda: updates() >= before + 2, "the run to go on with one env server", 240, children)
+            # env server i serves on env_port + i: the survivor is index 2
+            exported = set().union(
+                *(declared_series(metrics_text(p)) for p in (metrics_port, learner_port, env_port + 2))
+            )
         finally:
             for child in [*envs, policy, learner]:  # the order the launcher uses: producers first
                 if child.process.poll() is None:
@@ -124,3 +149,6 @@ def test_scale_up_and_down_mid_run(tmp_path: Path) -> None:
         assert produced == consumed + dropped + in_stream, (produced, consumed, dropped, in_stream)
         assert policy.process.returncode == 0 and learner.process.returncode == 0
         client.close()
+    queried = set(re.findall(r"\bgsrl_[a-z0-9_]+", json.dumps(json.loads(DASHBOARD.read_text()))))
+    assert queried, "the dashboard queries no gsrl metric"
+    assert queried <= exported, f"dashboard queries metrics no running role exports: {sorted(queried - exported)}"

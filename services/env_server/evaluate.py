@@ -1,0 +1,270 @@
+"""Evaluate a policy in-process on an ``EnvBatch``: success rate, return and episode length over N episodes.
+
+``gsrl eval -c run.yaml --checkpoint runs/<run>/checkpoints/update_000120`` builds the run's task and policy, loads
+the checkpoint's ``model.safetensors`` and rolls the policy out without gRPC, Redis or a learner, so a checkpoint can
+be judged on its own (deterministic by default: the Gaussian mean, which is what a deployed policy would execute).
+
+Unbiased episode counting: with B envs, stopping at the first N episodes to finish would over-count short episodes
+(in this task successes end early, failures run to the time limit). Each env is instead given a fixed quota of
+episodes up front, and episodes an env finishes beyond its quota are ignored.
+
+There is no separate "success at end" rate: ManiSkill terminates an episode at its first success step (and gsrl's
+tasks have no failure condition), so an episode that was ever successful ends on that success and the two rates are
+the same number by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gsrl.cli import add_config_arguments, config_from_args, setup_logging
+from gsrl.config import Config, ConfigError
+from gsrl.policy import ObservationSpec, Policy, build_policy
+from services.env_server.core import EnvBatch
+from services.learner.checkpoint import load_model_weights
+
+log = logging.getLogger(__name__)
+
+# Eval episodes draw their layouts from seeds far from the training env servers' (run.seed * 1000 + index * num_envs).
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Statistics of ``episodes`` complete episodes; the per-episode lists are in the order the episodes ended."""
+
+    episodes: int
+    success_once_rate: float
+    """Fraction of episodes with a success at any step (= success at the end: success terminates the episode)."""
+    mean_return: float
+    """Undiscounted return per episode in the task's reward mode (normalized_dense: at most 1 per step)."""
+    mean_length: float
+    """Env steps per episode; below the time limit only for episodes that terminated (succeeded)."""
+    env_steps: int
+    """Env steps run in total, including steps of envs that had already met their episode quota."""
+    wall_s: float
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    episode_success_once: list[bool]
+
+
+def _episode_quotas(num_episodes: int, num_envs: int) -> np.ndarray:
+    """[B] episodes per env summing to ``num_episodes``, as even as possible (the first envs take the remainder)."""
+    quotas = np.full(num_envs, num_episodes // num_envs, dtype=np.int64)
+    quotas[: num_episodes % num_envs] += 1
+    return quotas
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Policy,
+    batch: EnvBatch,
+    num_episodes: int,
+    deterministic: bool = True,
+    log_every_s: float = 5.0,
+) -> EvalResult:
+    """Run ``policy`` on ``batch`` (reset first) until ``num_episodes`` episodes have finished; see the module doc.
+
+    The policy acts on observations as float tensors on its own device, one action chunk [B, C, A] per call, with
+    the batch's language instructions. ``deterministic`` takes the mode of the action distribution. The policy runs
+    in eval mode and is put back in the mode it came in.
+    """
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+    was_training = policy.training
+    policy.eval()
+    try:
+        return _run_episodes(policy, batch, num_episodes, deterministic, log_every_s)
+    finally:
+        policy.train(was_training)
+
+
+def _run_episodes(
+    policy: Policy, batch: EnvBatch, num_episodes: int, deterministic: bool, log_every_s: float
+) -> EvalResult:
+    device = next(policy.parameters()).device
+    quotas = _episode_quotas(num_episodes, batch.num_envs)
+    finished = np.zeros(batch.num_envs, dtype=np.int64)
+    returns: list[float] = []
+    lengths: list[int] = []
+    success_once: list[bool] = []
+    env_steps = 0
+
+    start = last_log = time.monotonic()
+    observations = batch.reset()
+    while len(returns) < num_episodes:
+        obs = {key: torch.as_tensor(value, device=device) for key, value in observations.items()}
+        chunk = policy.act(obs, instructions=batch.instructions, deterministic=deterministic).action_chunk
+        result = batch.step_chunk(chunk.float().cpu().numpy())
+        env_steps += result.steps_executed
+        for i in np.flatnonzero(result.ended):
+            if finished[i] < quotas[i]:
+                finished[i] += 1
+                returns.append(float(result.episode_return[i]))
+                lengths.append(int(result.episode_length[i]))
+                success_once.append(bool(result.episode_success_once[i]))
+        observations = result.observations
+
+        now = time.monotonic()
+        if now - last_log >= log_every_s and len(returns) < num_episodes:
+            last_log = now
+            rate = env_steps / (now - start)
+            # The slowest env bounds the remaining time: it must finish its quota; assume full-length episodes.
+            remaining_steps = int((quotas - finished).max()) * batch.max_episode_steps * batch.num_envs
+            log.info(
+                "eval: %d/%d episodes, success_once %.1f%%, %.0f env steps/s, ETA <= %.0f s",
+                len(returns),
+                num_episodes,
+                100.0 * np.mean(success_once) if success_once else 0.0,
+                rate,
+                remaining_steps / max(rate, 1e-9),
+            )
+
+    return EvalResult(
+        episodes=len(returns),
+        success_once_rate=float(np.mean(success_once)),
+        mean_return=float(np.mean(returns)),
+        mean_length=float(np.mean(lengths)),
+        env_steps=env_steps,
+        wall_s=time.monotonic() - start,
+        episode_returns=returns,
+        episode_lengths=lengths,
+        episode_success_once=success_once,
+    )
+
+
+def policy_observation_spec(batch: EnvBatch) -> ObservationSpec:
+    """EnvBatch's numpy spec -> the policy's ``{key: (shape, torch dtype name)}`` (floats arrive as float32)."""
+    spec: ObservationSpec = {}
+    for key, (shape, dtype) in batch.observation_spec.items():
+        dtype = np.dtype(dtype)
+        if dtype.kind == "f":
+            name = "float32"
+        elif dtype.kind == "b":
+            name = "bool"
+        elif dtype == np.uint8:
+            name = "uint8"
+        else:
+            name = "int64" if dtype.itemsize == 8 else "int32"
+        spec[key] = (tuple(int(d) for d in shape), name)
+    return spec
+
+
+def make_batch(config: Config, num_envs: int, seed: int) -> EnvBatch:
+    """The run's task as an EnvBatch, built exactly as an env server builds it (same reward and time limit)."""
+    task = config.task
+    return EnvBatch(
+        task.id,
+        num_envs,
+        control_mode=task.control_mode,
+        obs_mode=task.obs_mode,
+        reward_mode=task.reward_mode,
+        max_episode_steps=task.max_episode_steps,
+        sim_freq=task.sim_freq,
+        control_freq=task.control_freq,
+        success_mode=task.success_mode,
+        seed=seed,
+    )
+
+
+def build_eval_policy(config: Config, batch: EnvBatch) -> Policy:
+    """The run's policy for ``batch``'s observations, randomly initialised (load weights afterwards)."""
+    p = config.policy
+    return build_policy(p.kind, policy_observation_spec(batch), batch.action_dim, p.action_chunk, **p.kwargs())
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """The ``model.safetensors`` a ``--checkpoint`` names; FileNotFoundError naming the path when there is none."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        where = f"checkpoint directory {path} has no model.safetensors" if path.is_dir() else f"{path} does not exist"
+        raise FileNotFoundError(f"checkpoint not found: {where}")
+    return file
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Roll a checkpointed policy out on the run's task and report its success rate."
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="checkpoint directory holding model.safetensors (runs/<run>/checkpoints/update_N), or the file itself",
+    )
+    parser.add_argument("--episodes", type=int, default=50, help="episodes to evaluate (default 50)")
+    parser.add_argument("--num-envs", type=int, default=None, help="envs run together (default env_server.num_envs)")
+    parser.add_argument("--seed", type=int, default=None, help=f"layout seed (default run.seed + {EVAL_SEED_OFFSET})")
+    parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
+    parser.add_argument("--json", metavar="OUT", default=None, help="write the results (and what was run) as JSON")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, "eval")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.num_envs is not None and args.num_envs < 1:
+        parser.error(f"--num-envs must be >= 1, got {args.num_envs}")
+    try:
+        weights_file = resolve_weights_file(args.checkpoint)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    num_envs = config.env_server.num_envs if args.num_envs is None else args.num_envs
+    seed = config.run.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics dominates; keep one core per process
+
+    with make_batch(config, num_envs, seed) as batch:
+        policy = build_eval_policy(config, batch)
+        try:
+            policy.load_state_dict(load_model_weights(weights_file))
+        except RuntimeError as exc:
+            # Shape or key mismatches mean the checkpoint came from another policy config (hidden sizes, obs_norm,
+            # action_chunk, control mode); say which config was used rather than only PyTorch's key list.
+            print(
+                f"{prog}: {weights_file} does not fit policy {config.policy} on {config.task.id} "
+                f"({config.task.control_mode}, obs {policy_observation_spec(batch)}): {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        log.info("loaded %s; evaluating %d episodes on %d envs (seed %d)", weights_file, args.episodes, num_envs, seed)
+        result = evaluate_policy(policy, batch, args.episodes, deterministic=not args.stochastic)
+
+    mode = "stochastic" if args.stochastic else "deterministic"
+    print(
+        f"{config.task.id} {weights_file}: {result.episodes} episodes ({mode}), "
+        f"success_once {100 * result.success_once_rate:.1f}%, mean return {result.mean_return:.2f}, "
+        f"mean length {result.mean_length:.1f}, {result.wall_s:.0f} s"
+    )
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "checkpoint": str(weights_file),
+            "task": config.task.id,
+            "deterministic": not args.stochastic,
+            "num_envs": num_envs,
+            "seed": seed,
+            "config": config.to_dict(),
+            "result": asdict(result),
+        }
+        out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

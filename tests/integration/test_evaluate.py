@@ -1,0 +1,131 @@
+"""Policy evaluation on real ManiSkill CPU envs: episode accounting, checkpoint loading and the ``gsrl eval`` CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gsrl.config import load_config
+from gsrl.policy import Policy
+from services.env_server.core import EnvBatch
+from services.env_server.evaluate import build_eval_policy, evaluate_policy, main, make_batch, policy_observation_spec
+
+TASK = "PutCubeOnPlate-v0"
+# ManiSkill 3.0.1 calls np.isnan on a torch action each step (BaseAgent.set_action); NumPy 2 warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+STEPS = 5  # max_episode_steps: a random policy never succeeds this fast, so every episode runs exactly 5 steps
+OVERRIDES = [f"task.max_episode_steps={STEPS}", "policy.hidden_sizes=[16]"]
+
+
+@pytest.fixture(scope="module")
+def batch() -> Iterator[EnvBatch]:
+    envs = EnvBatch(TASK, 2, max_episode_steps=STEPS, seed=5)
+    yield envs
+    envs.close()
+
+
+def tiny_policy(batch: EnvBatch, seed: int = 0) -> Policy:
+    torch.manual_seed(seed)
+    return build_eval_policy(load_config(None, OVERRIDES), batch)
+
+
+def moving_policy(batch: EnvBatch) -> Policy:
+    """A tiny policy whose mean action is far from the near-zero output of a fresh init: it drives the arm in +x."""
+    policy = tiny_policy(batch, seed=1)
+    with torch.no_grad():
+        policy.actor[-1].bias.copy_(torch.tensor([1.0, 0.0, -0.5, 0.0, 0.0, 0.0, -1.0]))
+    return policy
+
+
+def test_observation_spec_uses_torch_dtype_names(batch: EnvBatch) -> None:
+    assert policy_observation_spec(batch) == {"state": ((53,), "float32")}
+
+
+@pytest.mark.parametrize("num_episodes", [4, 3])
+def test_evaluate_counts_episodes_per_env_quota(batch: EnvBatch, num_episodes: int) -> None:
+    policy = tiny_policy(batch).train()
+    result = evaluate_policy(policy, batch, num_episodes)
+    assert policy.training  # evaluation ran in eval mode and handed the policy back as it came
+    assert result.episodes == num_episodes
+    assert len(result.episode_returns) == len(result.episode_success_once) == num_episodes
+    assert result.episode_lengths == [STEPS] * num_episodes
+    assert result.mean_length == STEPS
+    assert 0.0 <= result.success_once_rate <= 1.0 and result.success_once_rate == 0.0
+    # normalized_dense pays [0, 1] per step; reaching toward the cube pays a little from the first step.
+    assert all(0.0 < r <= STEPS for r in result.episode_returns)
+    assert result.mean_return == pytest.approx(np.mean(result.episode_returns))
+    # Each of the 2 envs runs its own quota (2 + 2, or 2 + 1): stepping stops once the larger quota is met, and the
+    # 3-episode run steps env 1 through one episode it does not count.
+    assert result.env_steps == 2 * 2 * STEPS
+
+
+def test_evaluate_rejects_zero_episodes(batch: EnvBatch) -> None:
+    with pytest.raises(ValueError, match="num_episodes"):
+        evaluate_policy(tiny_policy(batch), batch, 0)
+
+
+def test_deterministic_evaluation_is_reproducible() -> None:
+    config = load_config(None, OVERRIDES)
+    results = []
+    for _ in range(2):
+        with make_batch(config, 2, seed=9) as envs:
+            results.append(evaluate_policy(moving_policy(envs), envs, 2).episode_returns)
+    assert results[0] == results[1]
+
+
+def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(None, OVERRIDES)
+    with make_batch(config, 2, seed=11) as envs:
+        policy = moving_policy(envs)
+        expected = evaluate_policy(policy, envs, 2)
+    with make_batch(config, 2, seed=11) as envs:
+        fresh = evaluate_policy(tiny_policy(envs, seed=1), envs, 2)
+    checkpoint = tmp_path / "checkpoints" / "update_000001"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(checkpoint / "model.safetensors"))
+    out = tmp_path / "eval" / "result.json"
+
+    args = ["--checkpoint", str(checkpoint), "--episodes", "2", "--num-envs", "2", "--seed", "11", "--json", str(out)]
+    assert main([*args, *OVERRIDES]) == 0
+
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(checkpoint / "model.safetensors")
+    assert report["deterministic"] is True and report["seed"] == 11 and report["num_envs"] == 2
+    assert report["config"]["task"]["max_episode_steps"] == STEPS
+    result = report["result"]
+    assert result["episodes"] == 2 and result["episode_lengths"] == [STEPS, STEPS]
+    # The loaded weights act like the saved policy, not like a fresh init (whose mean actions are near zero).
+    assert result["episode_returns"] == pytest.approx(expected.episode_returns, abs=1e-5)
+    assert result["episode_returns"] != pytest.approx(fresh.episode_returns, abs=1e-5)
+    assert "2 episodes (deterministic), success_once 0.0%" in capsys.readouterr().out
+
+    # The file itself works as --checkpoint too.
+    file_args = ["--checkpoint", str(checkpoint / "model.safetensors"), "--episodes", "1", "--num-envs", "1"]
+    assert main([*file_args, *OVERRIDES]) == 0
+
+
+@pytest.mark.parametrize("make_path", [lambda d: d / "missing", lambda d: d, lambda d: d / "missing.safetensors"])
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], make_path) -> None:
+    path = make_path(tmp_path)  # a missing dir, a dir without model.safetensors, a missing file
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--checkpoint", str(path), *OVERRIDES])
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and str(path) in err
+
+
+def test_checkpoint_of_another_policy_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(None, [f"task.max_episode_steps={STEPS}", "policy.hidden_sizes=[8]"])
+    with make_batch(config, 1, seed=0) as envs:
+        other = build_eval_policy(config, envs)
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
+    assert main(["--checkpoint", str(file), "--episodes", "1", "--num-envs", "1", *OVERRIDES]) == 2
+    err = capsys.readouterr().err
+    assert str(file) in err and "does not fit policy" in err and "hidden_sizes=(16,)" in err
