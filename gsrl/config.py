@@ -62,9 +62,16 @@ class RedisConfig:
     group: str = "learners"
     # Producers wait (back-pressure) while this many segments are unacknowledged in the stream.
     max_stream_len: int = 512
+    # AUTH password ("" = none). A password in the redis URL wins. `gsrl train` sets it on its own redis-server.
+    password: str = ""
+    # fsync policy of the append-only file of the redis-server `gsrl train` starts: everysec keeps every
+    # acknowledged segment across a clean restart and may lose the last second on a crash of Redis; always
+    # keeps them across a crash too (one fsync per write).
+    appendfsync: str = "everysec"
 
     def validate(self, key: str) -> None:
         _require(0 <= self.port <= 65535, f"{key}.port", "must be a TCP port (0-65535)")
+        _require(self.appendfsync in ("always", "everysec", "no"), f"{key}.appendfsync", "must be always|everysec|no")
         _require(self.port != 0 or self.start_local, f"{key}.port", "must be set when start_local is false")
         _require(self.max_stream_len >= 1, f"{key}.max_stream_len", "must be >= 1")
         _require(self.key_prefix != "", f"{key}.key_prefix", "must not be empty")
@@ -103,6 +110,17 @@ class TaskConfig:
         )
 
 
+GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+
+def split_addresses(value: str) -> list[str]:
+    """``"a:1,b:2"`` -> ``["a:1", "b:2"]``; a gRPC target (``dns:///svc:50051``, ``ipv4:a:1,b:2``) stays whole."""
+    value = value.strip()
+    if value.startswith(GRPC_TARGET_SCHEMES):
+        return [value]
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
 CONTROL_MODES = ("pd_ee_target_delta_pose", "pd_ee_delta_pose", "pd_joint_delta_pos", "pd_joint_pos")
 OBS_MODES = ("state", "state_dict")
 REWARD_MODES = ("sparse", "dense", "normalized_dense", "none")
@@ -116,6 +134,8 @@ class EnvServerConfig:
     num_envs: int = 4
     # How many env server processes `gsrl train` starts (on a cluster: the Deployment's replicas).
     num_servers: int = 2
+    # One policy server "host:port", several "host:port,host:port" (tried in turn on reconnect), or a gRPC
+    # target such as "dns:///gsrl-policy-server:50051" (every A record of a headless Service).
     policy_address: str = "127.0.0.1:50051"
     # First metrics port; server i uses metrics_port + i. 0 = no metrics endpoint.
     metrics_port: int = 9201
@@ -125,9 +145,17 @@ class EnvServerConfig:
     def validate(self, key: str) -> None:
         _require(self.num_envs >= 1, f"{key}.num_envs", "must be >= 1")
         _require(self.num_servers >= 0, f"{key}.num_servers", "must be >= 0")
-        _require(":" in self.policy_address, f"{key}.policy_address", "must be host:port")
+        _require(
+            all(":" in a for a in self.policy_addresses) and bool(self.policy_addresses),
+            f"{key}.policy_address",
+            "must be host:port, a comma-separated list of them, or a gRPC target like dns:///host:port",
+        )
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
         _require(self.reconnect_backoff_s > 0, f"{key}.reconnect_backoff_s", "must be > 0")
+
+    @property
+    def policy_addresses(self) -> list[str]:
+        return split_addresses(self.policy_address)
 
 
 @dataclass(frozen=True)
@@ -169,6 +197,8 @@ class PolicyServerConfig:
     metrics_port: int = 9101
     device: str = "cpu"
     num_servers: int = 1
+    # Largest gRPC message either side accepts or sends (bytes); bigger ones fail with RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 64 << 20
 
     def validate(self, key: str) -> None:
         _require(1 <= self.port <= 65535, f"{key}.port", "must be a TCP port (1-65535)")
@@ -177,6 +207,28 @@ class PolicyServerConfig:
         _require(self.segment_length >= 1, f"{key}.segment_length", "must be >= 1")
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
         _require(self.num_servers >= 1, f"{key}.num_servers", "must be >= 1")
+        _require(self.max_message_bytes >= 1024, f"{key}.max_message_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS on the env server <-> policy server gRPC streams (PEM files; mounted from a Secret on a cluster)."""
+
+    enabled: bool = False
+    # The server's certificate chain and private key (policy servers).
+    cert_file: str = ""
+    key_file: str = ""
+    # CA bundle clients verify the server against ("" = the system roots).
+    ca_file: str = ""
+    # Name to verify in the server certificate when it differs from the dialled host ("" = the host).
+    server_name: str = ""
+
+    def validate(self, key: str) -> None:
+        if not self.enabled:
+            return
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, name)
+            _require(path == "" or Path(path).is_file(), f"{key}.{name}", f"file not found: {path}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +294,9 @@ class LearnerConfig:
     broadcast_backend: str = "auto"
     # How long a rank waits for a full batch before logging that it is starved.
     read_block_ms: int = 2000
+    # Take over stream entries pending at another consumer (a rank that died and did not come back) after
+    # they sat unacknowledged this long; 0 = never. Must exceed the longest a live rank holds a batch.
+    claim_idle_s: float = 300.0
 
     def validate(self, key: str) -> None:
         _require(self.world_size >= 1, f"{key}.world_size", "must be >= 1")
@@ -255,6 +310,7 @@ class LearnerConfig:
         _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
         _require(self.broadcast_timeout_s > 0, f"{key}.broadcast_timeout_s", "must be > 0")
+        _require(self.claim_idle_s >= 0, f"{key}.claim_idle_s", "must be >= 0 (0 = never)")
 
 
 @dataclass(frozen=True)
@@ -269,6 +325,7 @@ class Config:
     policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

@@ -25,6 +25,7 @@ import redis
 
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config, dump_config
+from gsrl.redis_conn import configure_local, connect
 from gsrl.redis_server import LocalRedis, free_port
 from gsrl.stream import StreamKeys, read_counter
 
@@ -170,12 +171,16 @@ def train(config: Config, run_dir: Path) -> int:
     if config.redis.start_local:
         local_redis = LocalRedis(run_dir / "redis", port=config.redis.port or 0).start()
         redis_port = local_redis.port
+        # fsync policy and password are applied right after start (before any role connects)
+        configure_local(
+            redis.Redis(port=redis_port), appendfsync=config.redis.appendfsync, password=config.redis.password
+        )
     else:
         redis_port = config.redis.port
     config = effective_config(config, redis_port)
     dump_config(config, run_dir / "config.yaml")
     redis_url = f"redis://{config.redis.host}:{redis_port}/{config.redis.db}"
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url, config.redis.password)
     env = {
         **os.environ,
         "GSRL_REDIS_URL": redis_url,

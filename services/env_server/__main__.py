@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
         metrics_server.ready.set()
     server = EnvServer(
         batch,
-        es.policy_address,
+        es.policy_addresses,
         args.id,
         task.id,
         config.policy.action_chunk,
@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
         backoff_s=es.reconnect_backoff_s,
         max_backoff_s=es.max_reconnect_backoff_s,
         log_every_s=config.run.log_every_s * 3,
+        tls=config.tls,
+        max_message_bytes=config.policy_server.max_message_bytes,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())

@@ -3,6 +3,8 @@
 The loop is strictly alternating: send a StepReport, receive the ActionBatch for it, execute the
 chunk in ``EnvBatch``, report again. On a broken stream the envs keep their state; the new stream
 starts with a report of the current observations, and the policy server flushes what it had.
+With several policy servers configured, each reconnect goes to the next one in turn. An ActionBatch
+that is malformed (wrong shape or dtype, NaN/Inf) is never stepped: the stream is dropped and reopened.
 """
 
 from __future__ import annotations
@@ -18,13 +20,36 @@ import grpc
 import numpy as np
 
 from gsrl import codec
+from gsrl.config import TLSConfig, split_addresses
 from gsrl.metrics import EnvServerMetrics
+from gsrl.tls import open_channel
 from gsrl.v1 import rollout_pb2, rollout_pb2_grpc
 from services.env_server.core import ChunkResult, EnvBatch
 
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+
+
+class InvalidActions(ValueError):
+    """The policy server sent an ActionBatch this env batch must not execute."""
+
+
+def check_action_chunk(message: rollout_pb2.ActionBatch, num_envs: int, chunk: int, action_dim: int) -> np.ndarray:
+    """Decode and check an ActionBatch: float32 [num_envs, chunk, action_dim], all finite."""
+    try:
+        actions = codec.to_numpy(message.action_chunk, "action_chunk")
+    except codec.TensorDecodeError as exc:
+        raise InvalidActions(str(exc)) from exc
+    if actions.dtype != np.float32:
+        raise InvalidActions(f"action_chunk has dtype {actions.dtype}, expected float32")
+    if actions.shape != (num_envs, chunk, action_dim):
+        raise InvalidActions(
+            f"action_chunk has shape {list(actions.shape)}, expected [{num_envs}, {chunk}, {action_dim}]"
+        )
+    if not np.isfinite(actions).all():
+        raise InvalidActions("action_chunk contains NaN or infinite values")
+    return actions
 
 
 def observation_batch(observations: dict[str, np.ndarray], instructions: list[str]) -> rollout_pb2.ObservationBatch:
@@ -49,13 +74,27 @@ def step_report(step_id: int, result: ChunkResult, instructions: list[str]) -> r
     return report
 
 
+class _Unavailable(grpc.RpcError):
+    """A policy server address that did not accept a connection in time (so the next one is tried)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
 class EnvServer:
     """Drives one ``EnvBatch`` from a policy server over gRPC until ``stop`` is set."""
 
     def __init__(
         self,
         batch: EnvBatch,
-        address: str,
+        address: str | list[str],
         env_server_id: str,
         task_id: str,
         action_chunk: int,
@@ -63,9 +102,16 @@ class EnvServer:
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         log_every_s: float = 30.0,
+        tls: TLSConfig | None = None,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self.batch = batch
-        self.address = address
+        # Policy servers to try in turn; a "dns:///" entry lets gRPC balance over every address it resolves to.
+        self.addresses = split_addresses(address) if isinstance(address, str) else list(address)
+        self._next_address = 0
+        self.address = self.addresses[0]
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
         self.env_server_id = env_server_id
         self.task_id = task_id
         self.action_chunk = action_chunk
@@ -85,14 +131,10 @@ class EnvServer:
         backoff = self.backoff_s
         while not self.stop_event.is_set():
             started = time.monotonic()
+            self.address = self.addresses[self._next_address % len(self.addresses)]
+            self._next_address += 1
             try:
-                with grpc.insecure_channel(
-                    self.address,
-                    options=[
-                        ("grpc.max_receive_message_length", 256 << 20),
-                        ("grpc.max_send_message_length", 256 << 20),
-                    ],
-                ) as channel:
+                with open_channel(self.address, self.tls, self.max_message_bytes) as channel:
                     if not self._wait_ready(channel):
                         return
                     self._stream(channel)
@@ -112,11 +154,21 @@ class EnvServer:
                     backoff,
                 )
                 self.metrics.reconnects.inc()
+            except InvalidActions as exc:
+                log.error(
+                    "policy server %s sent a malformed ActionBatch (%s): not stepped; reconnecting", self.address, exc
+                )
+                self.metrics.reconnects.inc()
             if time.monotonic() - started > 10 * self.backoff_s:
                 backoff = self.backoff_s  # it had been running fine: start the back-off over
-            if self.stop_event.wait(backoff):
+            if len(self.addresses) > 1 and self._next_address % len(self.addresses) != 0:
+                backoff_now = min(self.backoff_s, backoff)  # another server is worth trying at once
+            else:
+                backoff_now = backoff
+            if self.stop_event.wait(backoff_now):
                 return
-            backoff = min(backoff * 2, self.max_backoff_s)
+            if backoff_now == backoff:
+                backoff = min(backoff * 2, self.max_backoff_s)
 
     def stop(self) -> None:
         """Stop serving; also cancels the open stream, which may be waiting on a back-pressured policy server."""
@@ -126,7 +178,11 @@ class EnvServer:
             call.cancel()
 
     def _wait_ready(self, channel: grpc.Channel) -> bool:
-        """Block until the policy server accepts connections; False if stopped meanwhile."""
+        """Block until the policy server accepts connections; False if stopped meanwhile.
+
+        With several addresses, give up on this one after a few seconds (raised as UNAVAILABLE) so the next
+        is tried; with one, wait as long as it takes.
+        """
         ready = grpc.channel_ready_future(channel)
         waited = 0.0
         while not self.stop_event.is_set():
@@ -135,6 +191,9 @@ class EnvServer:
                 return True
             except grpc.FutureTimeoutError:
                 waited += 1.0
+                if len(self.addresses) > 1 and waited >= 3:
+                    ready.cancel()
+                    raise _Unavailable(f"{self.address} not reachable within {waited:.0f}s") from None
                 if waited % 30 == 0:
                     log.info("waiting for the policy server at %s (%.0fs)", self.address, waited)
         return False
@@ -177,7 +236,9 @@ class EnvServer:
                 self.metrics.roundtrip_seconds.observe(time.monotonic() - sent_at)
                 if self.stop_event.is_set():
                     break
-                actions = codec.to_numpy(response.actions.action_chunk, "action_chunk")
+                actions = check_action_chunk(
+                    response.actions, self.batch.num_envs, self.action_chunk, self.batch.action_dim
+                )
                 self.metrics.policy_version.set(response.actions.policy_version)
                 chunk_started = time.monotonic()
                 result = self.batch.step_chunk(actions)

@@ -48,11 +48,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
+    from services.learner.checkpoint import CheckpointError
     from services.learner.server import serve
 
     redis_url = redis_url_of(args, config)
     run_dir = args.run_dir or os.path.join(config.run.output_dir, config.run.name)
-    serve(config, redis_url, run_dir, rank, world_size)
+    try:
+        serve(config, redis_url, run_dir, rank, world_size)
+    except CheckpointError as exc:
+        print(f"{prog}: cannot resume: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,10 +3,20 @@
 Layout: ``<run_dir>/checkpoints/<tag>/{model.safetensors, meta.json, deepspeed/...}``, where the tag
 is ``update_000120``. ``model.safetensors`` alone is enough to serve or evaluate a policy; the
 DeepSpeed part (each rank's optimizer shard) lets training resume exactly.
+
+``meta.json`` is written last and lists the SHA-256 of every file rank 0 wrote, so a checkpoint
+cut short or corrupted on disk is recognised before anything is loaded: resuming names the bad file
+and falls back to the previous complete checkpoint. Only when every checkpoint is bad does the
+learner refuse to start (silently starting over would discard the run's training).
+
+Safety of what is loaded: the weights are safetensors (no code execution). DeepSpeed's own files
+(optimizer state, RNG, client state) are read by DeepSpeed with ``torch.load``; they are the run's own
+files on local disk, never network or Redis data, and their hashes are checked first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +35,26 @@ class CheckpointMeta:
     updates: int
     policy_version: int
     saved_unix: float
+    # relative path -> sha256 hex of every file in the checkpoint (older checkpoints: empty, not checked)
+    files: dict[str, str] | None = None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: its message names the file and what is wrong with it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file() and f.name != "meta.json"
+    }
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -47,23 +77,54 @@ def save_checkpoint(run_dir: str | Path, engine, updates: int, policy_version: i
     if rank == 0:
         state = {k: v.detach().to("cpu").contiguous() for k, v in engine.module.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
-        meta = CheckpointMeta(updates=updates, policy_version=policy_version, saved_unix=time.time())
-        (path / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+        meta = CheckpointMeta(
+            updates=updates, policy_version=policy_version, saved_unix=time.time(), files=_manifest(path)
+        )
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps(asdict(meta), indent=2))
+        tmp.replace(path / "meta.json")  # atomic: a checkpoint is complete exactly when meta.json exists
         for old in sorted(checkpoint_root(run_dir).glob("update_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s saved (policy version %d)", path, policy_version)
     return path
 
 
-def load_checkpoint(path: str | Path, engine) -> CheckpointMeta:
-    """Restore model and optimizer state from ``path`` into a DeepSpeed engine; returns the meta."""
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """The meta of checkpoint ``path``, after checking every file it lists; CheckpointError names a bad file."""
     path = Path(path)
-    meta = CheckpointMeta(**json.loads((path / "meta.json").read_text()))
+    meta_file = path / "meta.json"
+    try:
+        meta = CheckpointMeta(**json.loads(meta_file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {meta_file} is unreadable or corrupted: {exc}") from exc
+    for name, expected in (meta.files or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"checkpoint file {file} is corrupted (SHA-256 differs from {meta_file})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, engine) -> CheckpointMeta:
+    """Restore model and optimizer state from ``path`` into a DeepSpeed engine; returns the meta.
+
+    Raises CheckpointError naming the file when one is missing, corrupted or does not load.
+    """
+    path = Path(path)
+    meta = read_meta(path)
     ds_dir = path / "deepspeed"
-    if ds_dir.is_dir():
-        engine.engine.load_checkpoint(str(ds_dir), tag=path.name, load_module_strict=True)
-    else:
-        engine.module.load_state_dict(load_model_weights(path))
+    try:
+        if ds_dir.is_dir():
+            loaded, _client_state = engine.engine.load_checkpoint(str(ds_dir), tag=path.name, load_module_strict=True)
+            if loaded is None:
+                raise CheckpointError(f"checkpoint {ds_dir} could not be loaded by DeepSpeed")
+        else:
+            engine.module.load_state_dict(load_model_weights(path))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors/DeepSpeed raise many kinds on a bad file
+        raise CheckpointError(f"checkpoint {path} does not load: {type(exc).__name__}: {exc}") from exc
     log.info("resumed from %s: %d updates, policy version %d", path, meta.updates, meta.policy_version)
     return meta
 
@@ -73,3 +134,22 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     return load_file(str(file))
+
+
+def resume_latest(run_dir: str | Path, engine) -> CheckpointMeta | None:
+    """Load the newest usable checkpoint, falling back past bad ones (each named in an error log).
+
+    None when the run has no checkpoint yet; CheckpointError when it has some and none of them loads.
+    """
+    root = checkpoint_root(run_dir)
+    candidates = sorted((p for p in root.glob("update_*") if (p / "meta.json").is_file()), reverse=True)
+    errors = []
+    for path in candidates:
+        try:
+            return load_checkpoint(path, engine)
+        except CheckpointError as exc:
+            log.error("cannot resume from %s: %s; trying the previous checkpoint", path, exc)
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(errors))
+    return None

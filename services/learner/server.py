@@ -4,6 +4,10 @@ Every rank reads its own segments (one consumer of the group per rank), drops th
 ``max_policy_lag``, and runs the same number of PPO steps so DeepSpeed's gradient all-reduce
 lines up. Entries are acknowledged only after the update that used them. Rank 0 publishes the
 new weights to the policy servers, writes TensorBoard scalars and the progress record.
+
+A killed rank restarts from its last complete checkpoint with a policy version that never goes back
+(policy servers ignore versions they already hold), re-reads the entries it had been delivered but not
+acknowledged, and waits out Redis restarts.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
 from gsrl.metrics import LearnerMetrics, MetricsServer, ScalarLog
 from gsrl.policy import build_policy
+from gsrl.redis_conn import connect, is_transient, retry
 from gsrl.stream import SegmentConsumer, StreamEntry, StreamKeys, read_counter
 from gsrl.weights import WeightPublisher
-from services.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.learner.checkpoint import resume_latest, save_checkpoint
 from services.learner.core import PPOLearnerCore
 from services.learner.data import EpisodeTotals, policy_lag, split_by_lag
 from services.learner.engine import DeepSpeedEngine
@@ -45,7 +50,7 @@ class Learner:
         self.world_size = world_size
         self.run_dir = Path(run_dir)
         self.stop_event = threading.Event()
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = connect(redis_url, config.redis.password)
         self.keys = StreamKeys(config.redis.key_prefix, config.redis.stream)
         self.metrics = LearnerMetrics()
         lc = config.learner
@@ -70,15 +75,27 @@ class Learner:
             generator=generator,
             all_reduce_sum=self._all_reduce_sum if world_size > 1 else None,
         )
-        self.consumer = SegmentConsumer(self.client, self.keys, config.redis.group, f"rank-{rank}")
+        self.consumer = SegmentConsumer(
+            self.client,
+            self.keys,
+            config.redis.group,
+            f"rank-{rank}",
+            claim_idle_ms=int(lc.claim_idle_s * 1000),
+            should_stop=self.stop_event.is_set,
+        )
         self.updates = 0
         self.version = 0
         # Newest policy version seen in any consumed segment: proves the policy servers swap weights.
         self.newest_segment_version = 0
-        checkpoint = latest_checkpoint(self.run_dir) if lc.resume else None
-        if checkpoint is not None:
-            meta = load_checkpoint(checkpoint, self.engine)
+        meta = resume_latest(self.run_dir, self.engine) if lc.resume else None
+        if meta is not None:
             self.updates, self.version = meta.updates, meta.policy_version
+        # A rank killed after publishing updates it had not checkpointed yet resumes behind the version the
+        # policy servers hold; they ignore versions not newer than theirs, so continue numbering from there.
+        published = int(retry(lambda: self.client.get(self.keys.policy_version), "GET policy_version") or 0)
+        if published > self.version:
+            log.info("policy version continues from the published v%d (checkpoint: v%d)", published, self.version)
+            self.version = published
         self.publisher: WeightPublisher | None = None
         self.scalars = ScalarLog(self.run_dir / "tensorboard" if rank == 0 else None)
         if rank == 0:
@@ -213,7 +230,7 @@ class Learner:
         stats = self.publisher.publish(self._serving_state_dict(), self.version)
         elapsed = time.monotonic() - started
         self.metrics.broadcast_seconds.observe(elapsed)
-        self.client.set(self.keys.policy_version, self.version)
+        self._best_effort(lambda: self.client.set(self.keys.policy_version, self.version), "SET policy_version")
         log.debug("published version %d to %d policy servers", self.version, stats.num_subscribers)
         return elapsed
 
@@ -225,12 +242,17 @@ class Learner:
         }
 
     def _write_progress(self, scalars: dict[str, float], started: float) -> None:
+        try:
+            consumed = read_counter(self.client, self.keys.consumed)
+            dropped = read_counter(self.client, self.keys.dropped)
+        except redis.RedisError:
+            consumed = dropped = -1
         record = {
             "updates": self.updates,
             "policy_version": self.version,
             "elapsed_s": time.monotonic() - started,
-            "segments_consumed": read_counter(self.client, self.keys.consumed),
-            "segments_dropped": read_counter(self.client, self.keys.dropped),
+            "segments_consumed": consumed,
+            "segments_dropped": dropped,
             "newest_segment_policy_version": self.newest_segment_version,
             "updated_unix": time.time(),
         }
@@ -244,7 +266,18 @@ class Learner:
         ):
             if name in scalars:
                 record[name] = scalars[name]
-        self.client.hset(learner_stats_key(self.config.redis.key_prefix), mapping=record)
+        self._best_effort(
+            lambda: self.client.hset(learner_stats_key(self.config.redis.key_prefix), mapping=record), "progress"
+        )
+
+    def _best_effort(self, operation, what: str) -> None:
+        """Progress and version records: retried for a while, then skipped (the next update writes them again)."""
+        try:
+            retry(operation, what, self.stop_event.is_set, give_up_s=10.0)
+        except redis.RedisError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("rank %d: %s not written: %s", self.rank, what, exc)
 
     def close(self) -> None:
         self.scalars.close()

@@ -1,4 +1,8 @@
-"""The policy server's edges: the gRPC servicer, the Redis stream producer and the weight subscriber."""
+"""The policy server's edges: the gRPC servicer, the Redis stream producer and the weight subscriber.
+
+A Redis restart does not stop it: the producer waits Redis out (the env streams it serves wait with it,
+back-pressure), and the loop that publishes counters retries.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gsrl import codec
-from gsrl.config import Config
+from gsrl.config import Config, TLSConfig
 from gsrl.env_spec import EnvSpec, probe_env_spec
 from gsrl.metrics import MetricsServer, PolicyServerMetrics
 from gsrl.policy import build_policy
+from gsrl.redis_conn import connect, is_transient
 from gsrl.stream import SegmentProducer, StreamKeys
+from gsrl.tls import add_port, message_options
 from gsrl.trajectory import EpisodeSummary
 from gsrl.v1 import rollout_pb2, rollout_pb2_grpc
 from gsrl.weights import WeightSubscriber
@@ -113,7 +119,10 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
             self.metrics.streams.dec()
             leftovers = assembler.flush()
             for segment in leftovers:
-                self._append(segment)
+                try:
+                    self._append(segment)
+                except Exception:  # noqa: BLE001 - logged by the producer; the other leftovers still go out
+                    log.exception("env server %s: a partial segment could not be stored", hello.env_server_id)
             log.info("env server %s disconnected; flushed %d partial segments", hello.env_server_id, len(leftovers))
 
     def _check_hello(self, hello: rollout_pb2.RolloutHello) -> str | None:
@@ -191,11 +200,21 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
         )
 
 
-def build_grpc_server(servicer: PolicyServicer, address: str, max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """A gRPC server with the policy service, health and reflection; returns it and its bound port."""
+def build_grpc_server(
+    servicer: PolicyServicer,
+    address: str,
+    max_workers: int = 64,
+    tls: TLSConfig | None = None,
+    max_message_bytes: int = 64 << 20,
+) -> tuple[grpc.Server, int]:
+    """A gRPC server with the policy service, health and reflection; returns it and its bound port.
+
+    Each Rollout stream holds a worker thread while it is open, so ``max_workers`` bounds the env servers
+    one policy server can serve at once. Messages over ``max_message_bytes`` fail with RESOURCE_EXHAUSTED.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+        options=message_options(max_message_bytes),
     )
     rollout_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -203,9 +222,7 @@ def build_grpc_server(servicer: PolicyServicer, address: str, max_workers: int =
     for name in (SERVICE_NAME, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind the policy server to {address}")
+    port = add_port(server, address, tls)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     return server, port
 
@@ -221,7 +238,7 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
     )
     host = PolicyHost(policy, version=0, device=ps.device)
     metrics = PolicyServerMetrics()
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url, config.redis.password)
     keys = StreamKeys(config.redis.key_prefix, config.redis.stream)
     stop = stop_event or threading.Event()
     producer = SegmentProducer(client, keys, config.redis.max_stream_len, should_stop=stop.is_set)
@@ -246,7 +263,9 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
     servicer = PolicyServicer(
         batcher, spec, config.policy.action_chunk, ps.segment_length, producer, metrics, config.task.id
     )
-    server, port = build_grpc_server(servicer, f"{ps.host}:{ps.port}")
+    server, port = build_grpc_server(
+        servicer, f"{ps.host}:{ps.port}", tls=config.tls, max_message_bytes=ps.max_message_bytes
+    )
     metrics_server = MetricsServer(metrics.registry, ps.metrics_port).start() if ps.metrics_port else None
     server.start()
     if metrics_server:
@@ -264,11 +283,16 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
     try:
         while not stop.wait(1.0):
             metrics.policy_version.set(host.version)
-            metrics.stream_length.set(producer.stream_length())
-            steps = servicer.env_steps
-            if steps > published_steps:
-                client.incrby(keys.env_steps, steps - published_steps)
-                published_steps = steps
+            try:
+                metrics.stream_length.set(int(client.xlen(keys.stream)))
+                steps = servicer.env_steps
+                if steps > published_steps:
+                    client.incrby(keys.env_steps, steps - published_steps)
+                    published_steps = steps
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("redis unavailable (%s); counters are published when it is back", exc)
     finally:
         server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
         server.stop(grace=5).wait()
