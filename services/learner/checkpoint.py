@@ -119,8 +119,13 @@ def load_checkpoint(path: str | Path, engine) -> CheckpointMeta:
             loaded, _client_state = engine.engine.load_checkpoint(str(ds_dir), tag=path.name, load_module_strict=True)
             if loaded is None:
                 raise CheckpointError(f"checkpoint {ds_dir} could not be loaded by DeepSpeed")
-        else:
+        else:  # weights only (e.g. an SFT checkpoint): no optimizer state to restore
             engine.module.load_state_dict(load_model_weights(path))
+            # ZeRO keeps its own fp32 master copy of the parameters; without a refresh, its first step
+            # would write the freshly initialised weights back over the loaded ones.
+            refresh = getattr(getattr(engine.engine, "optimizer", None), "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch/safetensors/DeepSpeed raise many kinds on a bad file
