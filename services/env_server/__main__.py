@@ -36,18 +36,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
     args, config = parse_role_arguments(parser, argv, "env-server {index}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics is single-threaded per env
     es, task = config.env_server, config.task
-    batch = EnvBatch(
-        task.id,
-        es.num_envs,
-        control_mode=task.control_mode,
-        obs_mode=task.obs_mode,
-        reward_mode=task.reward_mode,
-        max_episode_steps=task.max_episode_steps,
-        sim_freq=task.sim_freq,
-        control_freq=task.control_freq,
-        success_mode=task.success_mode,
-        seed=config.run.seed * 1000 + args.index * es.num_envs,
-    )
+    batch = EnvBatch.for_task(task, es.num_envs, seed=config.run.seed * 1000 + args.index * es.num_envs)
     metrics = EnvServerMetrics()
     metrics_server = None
     if es.metrics_port:

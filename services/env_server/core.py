@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import gsrl.tasks  # noqa: F401  (registers gsrl's ManiSkill tasks with gymnasium)
+from gsrl.config import TaskConfig
 
 ObservationSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -205,6 +206,22 @@ class EnvBatch:
             episode_length=episode_length,
             episode_success_once=episode_success_once,
             steps_executed=steps_executed,
+        )
+
+    @classmethod
+    def for_task(cls, task: TaskConfig, num_envs: int, seed: int) -> EnvBatch:
+        """The run's task as configured (reward, time limit, frequencies): env servers and evaluation agree."""
+        return cls(
+            task.id,
+            num_envs,
+            control_mode=task.control_mode,
+            obs_mode=task.obs_mode,
+            reward_mode=task.reward_mode,
+            max_episode_steps=task.max_episode_steps,
+            sim_freq=task.sim_freq,
+            control_freq=task.control_freq,
+            success_mode=task.success_mode,
+            seed=seed,
         )
 
     def close(self) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gsrl.cli import add_config_arguments, config_from_args, setup_logging
-from gsrl.config import Config, ConfigError
+from gsrl.cli import add_config_arguments, parse_role_arguments
+from gsrl.config import Config
 from gsrl.policy import ObservationSpec, Policy, build_policy
 from services.env_server.core import EnvBatch
 from services.learner.checkpoint import load_model_weights
@@ -161,23 +161,6 @@ def policy_observation_spec(batch: EnvBatch) -> ObservationSpec:
     return spec
 
 
-def make_batch(config: Config, num_envs: int, seed: int) -> EnvBatch:
-    """The run's task as an EnvBatch, built exactly as an env server builds it (same reward and time limit)."""
-    task = config.task
-    return EnvBatch(
-        task.id,
-        num_envs,
-        control_mode=task.control_mode,
-        obs_mode=task.obs_mode,
-        reward_mode=task.reward_mode,
-        max_episode_steps=task.max_episode_steps,
-        sim_freq=task.sim_freq,
-        control_freq=task.control_freq,
-        success_mode=task.success_mode,
-        seed=seed,
-    )
-
-
 def build_eval_policy(config: Config, batch: EnvBatch) -> Policy:
     """The run's policy for ``batch``'s observations, randomly initialised (load weights afterwards)."""
     p = config.policy
@@ -210,12 +193,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     parser.add_argument("--seed", type=int, default=None, help=f"layout seed (default run.seed + {EVAL_SEED_OFFSET})")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
     parser.add_argument("--json", metavar="OUT", default=None, help="write the results (and what was run) as JSON")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "eval")
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args, config = parse_role_arguments(parser, argv, "eval")
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.num_envs is not None and args.num_envs < 1:
@@ -228,7 +206,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     seed = config.run.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics dominates; keep one core per process
 
-    with make_batch(config, num_envs, seed) as batch:
+    with EnvBatch.for_task(config.task, num_envs, seed) as batch:
         policy = build_eval_policy(config, batch)
         try:
             policy.load_state_dict(load_model_weights(weights_file))

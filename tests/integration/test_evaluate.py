@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from gsrl.config import load_config
 from gsrl.policy import Policy
 from services.env_server.core import EnvBatch
-from services.env_server.evaluate import build_eval_policy, evaluate_policy, main, make_batch, policy_observation_spec
+from services.env_server.evaluate import build_eval_policy, evaluate_policy, main, policy_observation_spec
 
 TASK = "PutCubeOnPlate-v0"
 # ManiSkill 3.0.1 calls np.isnan on a torch action each step (BaseAgent.set_action); NumPy 2 warns about it.
@@ -74,17 +74,17 @@ def test_deterministic_evaluation_is_reproducible() -> None:
     config = load_config(None, OVERRIDES)
     results = []
     for _ in range(2):
-        with make_batch(config, 2, seed=9) as envs:
+        with EnvBatch.for_task(config.task, 2, seed=9) as envs:
             results.append(evaluate_policy(moving_policy(envs), envs, 2).episode_returns)
     assert results[0] == results[1]
 
 
 def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config(None, OVERRIDES)
-    with make_batch(config, 2, seed=11) as envs:
+    with EnvBatch.for_task(config.task, 2, seed=11) as envs:
         policy = moving_policy(envs)
         expected = evaluate_policy(policy, envs, 2)
-    with make_batch(config, 2, seed=11) as envs:
+    with EnvBatch.for_task(config.task, 2, seed=11) as envs:
         fresh = evaluate_policy(tiny_policy(envs, seed=1), envs, 2)
     checkpoint = tmp_path / "checkpoints" / "update_000001"
     checkpoint.mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
 
 def test_checkpoint_of_another_policy_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config(None, [f"task.max_episode_steps={STEPS}", "policy.hidden_sizes=[8]"])
-    with make_batch(config, 1, seed=0) as envs:
+    with EnvBatch.for_task(config.task, 1, seed=0) as envs:
         other = build_eval_policy(config, envs)
     file = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
