@@ -1,24 +1,9 @@
-"""Versioned weight broadcast from learner rank 0 to the policy servers: the group protocol and its two ends.
+"""Versioned weight broadcast from learner rank 0 to the policy servers: the publisher and subscriber ends.
 
 This module is the live channel: who is in the broadcast group, when it is rebuilt, and how each publish travels.
-What the bytes look like (layout, hash, buckets) lives in ``gsrl.weight_layout``; the Redis snapshot that a policy
-server loads at start lives in ``gsrl.weight_snapshot``.
-
-The broadcast group is not DeepSpeed's world: the publisher (learner rank 0) hosts its own ``TCPStore`` and builds a
-``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (GPU) directly over a ``PrefixStore`` that names the group
-generation, as veRL, OpenRLHF and vLLM do for weight sync; ``init_process_group`` is never called, so the learner's
-default group is untouched. Rank 0 is the publisher, ranks 1..N are the policy servers in sorted id order.
-
-Redis holds the control state (keys under ``{key_prefix}:weights:``):
-
-- ``subscribers``: sorted set ``{id}@{incarnation}`` -> last heartbeat (Redis server clock, so pod clocks never
-  matter). The incarnation (random per ``start``) makes a restart under the same id, a pod name say, a membership
-  change, so the group is rebuilt instead of broadcasting to a rank whose process is gone.
-- ``generation``: counter; ``group``: JSON of the current generation {generation, host, port, members, backend}.
-- ``announce``: ``"{generation}:{messages sent}"``. A subscriber posts a receive only for an announced message. Gloo
-  cannot cancel a posted receive (``abort``/``shutdown``/``del`` all wait for it to time out), so a subscriber that
-  sat in a receive between publishes could neither stop promptly nor notice that its group was replaced.
-- ``version``, ``snapshot:meta`` + ``snapshot:{version}:{i}``: the latest weights (see ``gsrl.weight_snapshot``).
+The group protocol both ends share (process-group construction, wire header, Redis control keys and what they
+mean) lives in ``gsrl.weight_group``; what the bytes look like (layout, hash, buckets) in ``gsrl.weight_layout``;
+the Redis snapshot that a policy server loads at start in ``gsrl.weight_snapshot``.
 
 A publish reads the live set; if it differs from the group's members the publisher moves to a new generation
 (two-phase: each member sets ``joined/{rank}`` in the store, then the publisher sets ``commit`` to ``go`` or
@@ -34,7 +19,6 @@ policy server costs one failed publish instead of the learner.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import socket
@@ -48,6 +32,18 @@ import redis
 import torch
 import torch.distributed as dist
 
+from gsrl.weight_group import (
+    _POLL_S,
+    HEADER_LEN,
+    HEADER_MAGIC,
+    _broadcast,
+    _Group,
+    _Keys,
+    _new_process_group,
+    _redis_now,
+    _timedelta,
+    _wire_device,
+)
 from gsrl.weight_layout import (
     WIRE_DTYPES,
     Bucket,
@@ -63,97 +59,6 @@ from gsrl.weight_layout import (
 from gsrl.weight_snapshot import read_snapshot, write_snapshot, write_version
 
 logger = logging.getLogger(__name__)
-
-HEADER_MAGIC = 0x6773726C  # "gsrl"
-# magic, generation, sequence, version, num_buckets, layout_hash, flags (reserved, 0), bucket_bytes
-HEADER_LEN = 8
-_POLL_S = 0.02
-
-
-# ---------------------------------------------------------------- Redis keys
-
-
-class _Keys:
-    def __init__(self, key_prefix: str) -> None:
-        base = f"{key_prefix}:weights"
-        self.subscribers = f"{base}:subscribers"
-        self.generation = f"{base}:generation"
-        self.group = f"{base}:group"
-        self.announce = f"{base}:announce"
-        self.store_prefix = f"{key_prefix}/weights/gen{{generation}}/"
-
-
-def _redis_now(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return float(seconds) + float(micros) / 1e6
-
-
-# ---------------------------------------------------------------- process groups
-
-
-@dataclass
-class _Group:
-    generation: int
-    members: tuple[str, ...]
-    pg: dist.ProcessGroup
-    store: dist.Store  # held for the group's lifetime
-    device: torch.device  # where this backend's buffers live (the wire device)
-    sent: int = 0  # messages announced in this generation
-    broken: bool = False
-
-    def close(self) -> None:
-        """NCCL wants ``abort`` after a failure and ``shutdown`` otherwise; gloo accepts both."""
-        try:
-            if self.broken:
-                self.pg.abort()
-            else:
-                self.pg.shutdown()
-        except Exception as exc:  # noqa: BLE001 - teardown of a broken group may fail in many ways
-            logger.debug("closing weight group %d: %s", self.generation, exc)
-
-
-def _timedelta(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
-
-
-def _new_process_group(
-    backend: str, store: dist.Store, rank: int, size: int, timeout_s: float, gloo_hostname: str | None
-) -> dist.ProcessGroup:
-    """Construct the backend directly (no ``init_process_group``: the learner already has DeepSpeed's world).
-
-    The backend's own keys go under ``pg/`` in ``store``, apart from the join handshake (``joined/*``, ``commit``).
-    """
-    store = dist.PrefixStore("pg/", store)
-    timeout = _timedelta(timeout_s)
-    if backend == "gloo":
-        if gloo_hostname is None:  # default device: GLOO_SOCKET_IFNAME, else the address of this host's name
-            return dist.ProcessGroupGloo(store, rank, size, timeout)
-        options = dist.ProcessGroupGloo._Options()
-        options._timeout = timeout
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=gloo_hostname)]
-        return dist.ProcessGroupGloo(store, rank, size, options)
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = timeout
-    options.is_high_priority_stream = False
-    return dist.ProcessGroupNCCL(store, rank, size, options)
-
-
-def _broadcast(pg: dist.ProcessGroup, tensor: torch.Tensor, timeout_s: float) -> None:
-    """Broadcast from rank 0 and block the CPU until done (NCCL: ``wait(timeout)`` blocks instead of enqueueing)."""
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    options.rootTensor = 0
-    options.timeout = _timedelta(timeout_s)
-    pg.broadcast([tensor], options).wait(_timedelta(timeout_s))
-
-
-def _wire_device(backend: str, device: torch.device) -> torch.device:
-    """Where the buffers travel from: the GPU for NCCL; the CPU for gloo, whatever ``device`` the weights live on."""
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
-        raise ValueError(f"backend 'nccl' needs a cuda device and a CUDA build of torch, got {device}")
-    return device if backend == "nccl" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------- publisher
