@@ -5,7 +5,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup proto run train-long test test-unit test-integration test-e2e lint format clean
+.PHONY: help setup proto run train-long test test-unit test-integration test-e2e lint format clean bench
 
 help:
 	@echo "make run         train state-based PutCubeOnPlate-v0 locally (configs/state_ppo.yaml; ARGS='key=value ...')"
@@ -13,6 +13,7 @@ help:
 	@echo "make test        lint + unit, integration and e2e tests (gpu tests skip without CUDA)"
 	@echo "make setup       system packages, .venv with CPU torch, generated gRPC code (run by the others)"
 	@echo "make proto       regenerate gsrl/v1 from proto/"
+	@echo "make bench       time each stage beside a baseline from the same run (ARGS='--smoke|--full --out DIR')"
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -45,6 +46,9 @@ test-integration: setup
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info gsrl/v1/*_pb2*.py gsrl/v1/*_pb2*.pyi

@@ -1,0 +1,5 @@
+"""``make bench``: each stage of the loop timed next to a baseline measured in the same run.
+
+Every row pairs a gsrl figure with the plain thing it is built on (a memory copy, raw redis-py, the policy's
+forward in-process, a bare gymnasium env), timed interleaved in the same process, so a busy machine slows both.
+"""
