@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from _tiny_run import TINY_RUN
 
 from gsrl.config import dump_config, load_config
 from gsrl.launcher import Child, effective_config, spawn
@@ -25,18 +26,8 @@ from gsrl.stream import StreamKeys, read_counter
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/helm/gsrl/dashboards/gsrl.json"
 OVERRIDES = [
-    "env_server.num_envs=2",
-    "task.max_episode_steps=10",
-    "policy.hidden_sizes=[32]",
-    "policy_server.segment_length=4",
-    "learner.segments_per_update=2",
-    "redis.max_stream_len=8",
-    "algo.update_epochs=1",
-    "algo.num_minibatches=2",
+    *TINY_RUN,
     "algo.max_policy_lag=3",
-    "learner.checkpoint_every=0",
-    "learner.metrics_port=0",
-    "env_server.metrics_port=0",
     "run.duration_s=0",
 ]
 

@@ -9,22 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from _tiny_run import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
+    *TINY_RUN,
     "run.log_every_s=1",
     "env_server.num_servers=1",
-    "env_server.num_envs=2",
-    "task.max_episode_steps=10",
-    "policy.hidden_sizes=[32]",
-    "policy_server.segment_length=4",
-    "learner.segments_per_update=2",
-    "redis.max_stream_len=8",
-    "algo.update_epochs=1",
-    "algo.num_minibatches=2",
     "algo.max_policy_lag=4",
-    "learner.checkpoint_every=0",
-    "learner.metrics_port=0",
-    "env_server.metrics_port=0",
     "policy_server.metrics_port=0",
 ]
 
