@@ -40,6 +40,7 @@ from services.policy_server.core import (
 )
 
 log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 5
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
@@ -295,7 +296,10 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
                 log.warning("redis unavailable (%s); counters are published when it is back", exc)
     finally:
         server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
-        server.stop(grace=5).wait()
+        # Bounded: a handler blocked on a stream whose request failed to deserialize can keep grpc's
+        # shutdown event from ever being set; every RPC is cancelled after the grace period anyway.
+        if not server.stop(grace=SHUTDOWN_GRACE_S).wait(timeout=SHUTDOWN_GRACE_S + 10):
+            log.warning("gRPC shutdown did not finish %ds after the grace period; exiting anyway", 10)
         batcher.stop()
         subscriber.stop()
         if metrics_server:
