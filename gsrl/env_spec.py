@@ -35,11 +35,20 @@ def flatten_observation(obs: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _dtype_name(value: Any) -> str:
-    dtype = np.asarray(value.cpu() if hasattr(value, "cpu") else value).dtype
+def wire_dtype_name(dtype: np.dtype) -> str:
+    """The torch dtype name an observation of numpy ``dtype`` has on the wire (floats travel as float32)."""
+    dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return "float32"
-    return {"b": "bool", "u": "uint8"}.get(dtype.kind, "int64" if dtype.itemsize == 8 else "int32")
+    if dtype.kind == "b":
+        return "bool"
+    if dtype == np.uint8:
+        return "uint8"
+    return "int64" if dtype.itemsize == 8 else "int32"
+
+
+def _numpy_dtype(value: Any) -> np.dtype:
+    return np.asarray(value.cpu() if hasattr(value, "cpu") else value).dtype
 
 
 def probe_env_spec(task: TaskConfig) -> EnvSpec:
@@ -60,7 +69,7 @@ def probe_env_spec(task: TaskConfig) -> EnvSpec:
     try:
         obs, _info = env.reset(seed=0)
         flat = flatten_observation(obs)
-        spec = {k: (tuple(int(d) for d in np.shape(v)[1:]), _dtype_name(v)) for k, v in flat.items()}
+        spec = {k: (tuple(int(d) for d in np.shape(v)[1:]), wire_dtype_name(_numpy_dtype(v))) for k, v in flat.items()}
         action_dim = int(env.action_space.shape[-1])
         base = env.unwrapped
         instruction = ""

@@ -16,6 +16,7 @@ import torch
 
 import gsrl.tasks  # noqa: F401  (registers gsrl's ManiSkill tasks with gymnasium)
 from gsrl.config import TaskConfig
+from gsrl.env_spec import flatten_observation
 
 ObservationSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -265,13 +266,8 @@ class EnvBatch:
         return scale_actions(action_chunk, self._action_low, self._action_high)
 
     def _to_numpy_obs(self, obs: Any) -> dict[str, np.ndarray]:
-        """ManiSkill's batch-1 torch obs -> {key: unbatched numpy array}; nested dict keys joined with '/'."""
-        flat: dict[str, np.ndarray] = {}
-        if self.obs_mode == "state":
-            flat["state"] = _to_numpy(obs)[0]
-        else:
-            _flatten(obs, "", flat)
-        return flat
+        """ManiSkill's batch-1 torch obs -> {key: unbatched numpy array}, keyed as the policy server expects."""
+        return {key: _to_numpy(value)[0] for key, value in flatten_observation(obs).items()}
 
     def _stack(self, per_env: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {key: np.stack([obs[key] for obs in per_env]) for key in per_env[0]}
@@ -293,15 +289,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
         array = array.astype(np.float32)
     return array
-
-
-def _flatten(tree: dict, prefix: str, out: dict[str, np.ndarray]) -> None:
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _flatten(value, f"{name}/", out)
-        else:
-            out[name] = _to_numpy(value)[0]
 
 
 def _scalar(value: Any) -> Any:

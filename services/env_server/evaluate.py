@@ -30,6 +30,7 @@ import torch
 
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config
+from gsrl.env_spec import wire_dtype_name
 from gsrl.policy import ObservationSpec, Policy, build_policy
 from services.env_server.core import EnvBatch
 from services.learner.checkpoint import load_model_weights
@@ -146,19 +147,10 @@ def _run_episodes(
 
 def policy_observation_spec(batch: EnvBatch) -> ObservationSpec:
     """EnvBatch's numpy spec -> the policy's ``{key: (shape, torch dtype name)}`` (floats arrive as float32)."""
-    spec: ObservationSpec = {}
-    for key, (shape, dtype) in batch.observation_spec.items():
-        dtype = np.dtype(dtype)
-        if dtype.kind == "f":
-            name = "float32"
-        elif dtype.kind == "b":
-            name = "bool"
-        elif dtype == np.uint8:
-            name = "uint8"
-        else:
-            name = "int64" if dtype.itemsize == 8 else "int32"
-        spec[key] = (tuple(int(d) for d in shape), name)
-    return spec
+    return {
+        key: (tuple(int(d) for d in shape), wire_dtype_name(dtype))
+        for key, (shape, dtype) in batch.observation_spec.items()
+    }
 
 
 def build_eval_policy(config: Config, batch: EnvBatch) -> Policy:
