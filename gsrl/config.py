@@ -82,6 +82,72 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class RenderConfig:
+    """How a Gaussian-splat task (``task.id`` ``GSEnv-...``) renders its camera images (``task.render.*``)."""
+
+    # auto (gsplat on CUDA when present, else the PyTorch rasterizer) | gsplat | torch
+    backend: str = "auto"
+    # auto | cpu | cuda | cuda:N: where the Gaussians live and the renderer runs
+    device: str = "auto"
+    # Image size in pixels; the calibrated 640x480 camera is centre-cropped to this aspect and scaled.
+    # 128x128 suits CPU runs; the VLA presets use 224x224.
+    width: int = 128
+    height: int = 128
+    # 3rd_view_camera (the reference's calibrated camera) and optionally wrist_camera (on the hand)
+    cameras: tuple[str, ...] = ("3rd_view_camera",)
+    # A splat scene directory (scene.json + one PLY per body, e.g. with a fitted real scan of the table);
+    # empty: built from the simulator's visual meshes and cached under cache_dir.
+    scene_dir: str = ""
+    cache_dir: str = "~/.cache/gsrl/splat-scenes"
+    # Surface samples per square metre when converting meshes to Gaussians (objects and robot links);
+    # large static surfaces (table, floor) use a fraction of it.
+    samples_per_m2: float = 40000.0
+    # auto: the simulator's lights shade Gaussians converted from meshes (they hold albedo), none for a scanned
+    # scene_dir (a scan holds its lighting) | sim | none
+    lighting: str = "auto"
+    # Colour of pixels no Gaussian covers (sRGB in [0, 1]).
+    background: tuple[float, ...] = (0.149, 0.165, 0.216)
+    # Image-space domain randomization, drawn per env at each episode start (0 disables each one):
+    # brightness: colours scaled by U(1-b, 1+b); color_jitter: per-channel gains U(1-c, 1+c);
+    # camera_translation_std (m) / camera_rotation_std_deg: Gaussian noise on each camera's pose.
+    brightness: float = 0.0
+    color_jitter: float = 0.0
+    camera_translation_std: float = 0.0
+    camera_rotation_std_deg: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _require(self.backend in RENDER_BACKENDS, f"{key}.backend", f"must be one of {RENDER_BACKENDS}")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"{key}.device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _require(16 <= self.width <= 4096, f"{key}.width", "must be in [16, 4096]")
+        _require(16 <= self.height <= 4096, f"{key}.height", "must be in [16, 4096]")
+        _require(len(self.cameras) >= 1, f"{key}.cameras", "needs at least one camera")
+        unknown = [c for c in self.cameras if c not in RENDER_CAMERAS]
+        _require(not unknown, f"{key}.cameras", f"unknown camera(s) {unknown}; known: {RENDER_CAMERAS}")
+        _require(len(set(self.cameras)) == len(self.cameras), f"{key}.cameras", "lists a camera twice")
+        _require(self.samples_per_m2 > 0, f"{key}.samples_per_m2", "must be > 0")
+        _require(self.lighting in ("auto", "sim", "none"), f"{key}.lighting", "must be auto, sim or none")
+        _require(
+            len(self.background) == 3 and all(0.0 <= c <= 1.0 for c in self.background),
+            f"{key}.background",
+            "must be three numbers in [0, 1]",
+        )
+        for name in ("brightness", "color_jitter"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{key}.{name}", "must be in [0, 1)")
+        _require(self.camera_translation_std >= 0, f"{key}.camera_translation_std", "must be >= 0")
+        _require(self.camera_rotation_std_deg >= 0, f"{key}.camera_rotation_std_deg", "must be >= 0")
+
+
+RENDER_BACKENDS = ("auto", "gsplat", "torch")
+RENDER_CAMERAS = ("3rd_view_camera", "wrist_camera")
+GS_TASK_PREFIX = "GSEnv-"
+"""Task ids with this prefix are observed through the splat renderer (``gsrl.tasks.gs_env``)."""
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """The ManiSkill task every env server runs."""
 
@@ -95,8 +161,21 @@ class TaskConfig:
     control_freq: int = 20
     # strict (cube resting on the plate, released) | rlinf (RLinf's test, for comparable curves)
     success_mode: str = "strict"
+    # Used by GSEnv-* tasks only (obs_mode rgb).
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+    @property
+    def is_splat_rendered(self) -> bool:
+        return self.id.startswith(GS_TASK_PREFIX)
 
     def validate(self, key: str) -> None:
+        _require(
+            (self.obs_mode == "rgb") == self.is_splat_rendered,
+            f"{key}.obs_mode",
+            f"rgb (camera images + robot state) goes with a Gaussian-splat task ({GS_TASK_PREFIX}...), and a "
+            f"{GS_TASK_PREFIX} task needs obs_mode rgb; got id {self.id!r} with obs_mode {self.obs_mode!r}",
+        )
+        self.render.validate(f"{key}.render")
         _require(self.control_mode in CONTROL_MODES, f"{key}.control_mode", f"must be one of {CONTROL_MODES}")
         _require(self.obs_mode in OBS_MODES, f"{key}.obs_mode", f"must be one of {OBS_MODES}")
         _require(self.reward_mode in REWARD_MODES, f"{key}.reward_mode", f"must be one of {REWARD_MODES}")
@@ -122,7 +201,7 @@ def split_addresses(value: str) -> list[str]:
 
 
 CONTROL_MODES = ("pd_ee_target_delta_pose", "pd_ee_delta_pose", "pd_joint_delta_pos", "pd_joint_pos")
-OBS_MODES = ("state", "state_dict")
+OBS_MODES = ("state", "state_dict", "rgb")
 REWARD_MODES = ("sparse", "dense", "normalized_dense", "none")
 SUCCESS_MODES = ("strict", "rlinf")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -22,11 +22,19 @@ ObservationSpec = dict[str, tuple[tuple[int, ...], str]]
 
 @dataclass
 class PolicyOutput:
-    """What ``Policy.act`` returns for a batch of B observations (float32, no grad)."""
+    """What ``Policy.act`` returns for a batch of B observations (float32, no grad).
+
+    ``extras``: per-row tensors [B, ...] that ``evaluate_actions`` needs besides the observations and the
+    chunk to recompute ``logprobs``. A flow policy's chunk has no density of its own, only its sampled
+    denoising chain does, so the rollout must carry the chain. The policy server stores each entry in
+    the segment as ``extras/<name>`` ([T, ...]) and the learner passes the minibatch rows back as
+    ``evaluate_actions(..., extras={name: [N, ...]})``. Empty for policies that need nothing (Gaussian).
+    """
 
     action_chunk: Tensor  # [B, C, A]
     logprobs: Tensor  # [B] log-prob of the whole chunk (sum over C and A)
     values: Tensor  # [B]
+    extras: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, ...]
 
 
 class Policy(nn.Module, abc.ABC):
@@ -50,8 +58,12 @@ class Policy(nn.Module, abc.ABC):
         observations: dict[str, Tensor],
         action_chunk: Tensor,
         instructions: list[str] | None = None,
+        extras: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(logprobs [B], entropy [B], values [B]) of given chunks [B, C, A] under the current weights, with grad."""
+        """(logprobs [B], entropy [B], values [B]) of given chunks [B, C, A] under the current weights, with grad.
+
+        ``extras`` are the rows of ``PolicyOutput.extras`` recorded when the chunks were sampled.
+        """
 
     @abc.abstractmethod
     def value(self, observations: dict[str, Tensor], instructions: list[str] | None = None) -> Tensor:
@@ -63,6 +75,7 @@ PolicyFactory = Callable[..., Policy]
 # Lazy "module:attribute" entries keep heavy model code (the VLA, transformers) unimported until asked for.
 _REGISTRY: dict[str, str | PolicyFactory] = {
     "gaussian_mlp": "gsrl.policy.gaussian_mlp:GaussianMLPPolicy",
+    "vla": "gsrl.policy.vla.policy:VLAPolicy",
 }
 
 

@@ -1,4 +1,8 @@
-"""A small state-only Gaussian policy with a separate critic: fast PPO runs and tests (CleanRL's agent).
+"""A small Gaussian policy with a separate critic: fast PPO runs and tests (CleanRL's agent).
+
+From state alone it is CleanRL's agent; when the observation spec carries camera frames (uint8 [H, W, 3], as the
+Gaussian-splat task sends), a NatureCNN per camera (``gsrl.policy.encoders``) feeds the actor and the critic the
+image features next to the (normalized) proprioceptive state, as ManiSkill's PPO-from-pixels baseline does.
 
 Actions are sampled from N(mean(s), std) without squashing; the env clips to [-1, 1]. The log-prob
 is that of the unclipped sample, summed over the chunk and the action dims, so the PPO ratio is one
@@ -15,6 +19,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput
+from gsrl.policy.encoders import MultiCameraEncoder, image_keys_of
 
 
 class RunningMeanStd(nn.Module):
@@ -93,7 +98,9 @@ class GaussianMLPPolicy(Policy):
     """Actor MLP -> C*A means, critic MLP -> V(s), state-independent learned log-std [C, A].
 
     Reads observation key ``state_key`` ([B, D] float). With ``obs_norm`` the state is normalized by a
-    ``RunningMeanStd`` that the learner updates through ``update_obs_normalizer``.
+    ``RunningMeanStd`` that the learner updates through ``update_obs_normalizer``. Camera frames in the spec
+    (``image_keys``, by default every uint8 [H, W, 3] entry) go through one shared-trunk image encoder whose
+    ``image_features`` per camera are concatenated with the state; actor and critic both read that vector.
     """
 
     def __init__(
@@ -106,6 +113,8 @@ class GaussianMLPPolicy(Policy):
         obs_norm: bool = False,
         obs_clip: float = 10.0,
         state_key: str = "state",
+        image_keys: Sequence[str] | None = None,
+        image_features: int = 256,
     ) -> None:
         super().__init__()
         if state_key not in observation_spec:
@@ -118,8 +127,14 @@ class GaussianMLPPolicy(Policy):
         self.action_chunk = action_chunk
         state_dim = state_shape[0]
         self.obs_norm = RunningMeanStd(state_shape, clip=obs_clip) if obs_norm else None
-        self.actor = _mlp(state_dim, hidden_sizes, action_chunk * action_dim, out_std=0.01)
-        self.critic = _mlp(state_dim, hidden_sizes, 1, out_std=1.0)
+        image_keys = image_keys_of(observation_spec) if image_keys is None else list(image_keys)
+        missing = [key for key in image_keys if key not in observation_spec]
+        if missing:
+            raise ValueError(f"image_keys {missing} are not in the observation spec (has {sorted(observation_spec)})")
+        self.image_encoder = MultiCameraEncoder(observation_spec, image_keys, image_features) if image_keys else None
+        in_dim = state_dim + (self.image_encoder.out_features if self.image_encoder is not None else 0)
+        self.actor = _mlp(in_dim, hidden_sizes, action_chunk * action_dim, out_std=0.01)
+        self.critic = _mlp(in_dim, hidden_sizes, 1, out_std=1.0)
         self.log_std = nn.Parameter(torch.full((action_chunk, action_dim), float(init_log_std)))
 
     def forward(self, observations: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,6 +148,8 @@ class GaussianMLPPolicy(Policy):
         if self.obs_norm is not None:
             state = self.obs_norm.normalize(state)
         state = state.to(param.dtype)  # bf16 weights under DeepSpeed bf16
+        if self.image_encoder is not None:
+            state = torch.cat([self.image_encoder(observations), state], dim=-1)
         mean = self.actor(state).float().view(-1, self.action_chunk, self.action_dim)
         std = self.log_std.float().exp().expand_as(mean)
         values = self.critic(state).float().squeeze(-1)
@@ -156,6 +173,7 @@ class GaussianMLPPolicy(Policy):
         observations: dict[str, Tensor],
         action_chunk: Tensor,
         instructions: list[str] | None = None,
+        extras: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         mean, std, values = self(observations)
         dist = Normal(mean, std)

@@ -104,7 +104,18 @@ def test_env_pods_get_distinct_seeds_from_their_pod_names(tmp_path: Path) -> Non
 def _schema_type(annotation: object) -> str:
     if typing.get_origin(annotation) is tuple:
         return "array"
+    if dataclasses.is_dataclass(annotation):
+        return "object"
     return {int: "integer", float: "number", str: "string", bool: "boolean"}[annotation]
+
+
+def _assert_schema_mirrors(section_schema: dict, cls: type, where: str) -> None:
+    hints = typing.get_type_hints(cls)
+    assert set(section_schema["properties"]) == set(hints), where
+    for key, annotation in hints.items():
+        assert section_schema["properties"][key]["type"] == _schema_type(annotation), f"{where}.{key}"
+        if dataclasses.is_dataclass(annotation):
+            _assert_schema_mirrors(section_schema["properties"][key], annotation, f"{where}.{key}")
 
 
 def test_run_schema_mirrors_gsrl_config_sections_and_keys() -> None:
@@ -112,7 +123,4 @@ def test_run_schema_mirrors_gsrl_config_sections_and_keys() -> None:
     hints = typing.get_type_hints(gsrl_config.Config)
     assert set(schema["properties"]) == {f.name for f in dataclasses.fields(gsrl_config.Config)}
     for section, section_schema in schema["properties"].items():
-        section_hints = typing.get_type_hints(hints[section])
-        assert set(section_schema["properties"]) == set(section_hints), f"run.{section}"
-        for key, annotation in section_hints.items():
-            assert section_schema["properties"][key]["type"] == _schema_type(annotation), f"run.{section}.{key}"
+        _assert_schema_mirrors(section_schema, hints[section], f"run.{section}")

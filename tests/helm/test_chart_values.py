@@ -29,7 +29,7 @@ CRD_KINDS = {"ServiceMonitor"}
         ({"learner": {"gpus": "4"}}, r"at '/learner/gpus': got string, want integer"),
         ({"policyServer": {"gpu": 1}}, r"at '/policyServer': additional properties 'gpu' not allowed"),
         ({"run": {"algo": {"clip_ratoi": 0.1}}}, r"at '/run/algo': additional properties 'clip_ratoi' not allowed"),
-        ({"run": {"task": {"obs_mode": "rgb"}}}, r"at '/run/task/obs_mode': value must be one of"),
+        ({"run": {"task": {"obs_mode": "pixels"}}}, r"at '/run/task/obs_mode': value must be one of"),
         ({"learner": {"gpus": 1.5}}, r"at '/learner/gpus': got number, want integer"),
         ({"redis": {"external": {"url": "http://redis:6379"}}}, r"at '/redis/external/url'"),
     ],
