@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+CONFIG ?= configs/state_ppo.yaml
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
@@ -9,6 +10,7 @@ export OMP_NUM_THREADS ?= 1
 
 help:
 	@echo "make run         train state-based PutCubeOnPlate-v0 locally (configs/state_ppo.yaml; ARGS='key=value ...')"
+	@echo "                 CONFIG=configs/gs_ppo.yaml: from Gaussian-splat images (GSEnv-PutCubeOnPlate-v0)"
 	@echo "make train-long  the longer preset that trains to a useful policy (configs/state_ppo_long.yaml)"
 	@echo "make test        lint + unit, integration and e2e tests (gpu tests skip without CUDA)"
 	@echo "make setup       system packages, .venv with CPU torch, generated gRPC code (run by the others)"
@@ -22,7 +24,7 @@ proto: setup
 	$(PY) -m gsrl.protogen
 
 run: setup
-	$(VENV)/bin/gsrl train -c configs/state_ppo.yaml $(ARGS)
+	$(VENV)/bin/gsrl train -c $(CONFIG) $(ARGS)
 
 train-long: setup
 	$(VENV)/bin/gsrl train -c configs/state_ppo_long.yaml $(ARGS)

@@ -2,6 +2,7 @@
 
 gsrl train [-c run.yaml] [section.key=value ...]     everything as local processes
 gsrl env-server | policy-server | learner [...]      one role (what a pod runs)
+gsrl eval | render [-c run.yaml] [...]                evaluate a checkpoint; record splat-rendered videos
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
 """
 
@@ -105,6 +106,10 @@ COMMANDS = {
     "policy-server": ("services.policy_server.__main__", "Run one policy server (batched inference, segments)."),
     "learner": ("services.learner.__main__", "Run one learner rank (DeepSpeed PPO; RANK/WORLD_SIZE from env)."),
     "eval": ("services.env_server.evaluate", "Evaluate a checkpoint in-process: success rate, return, episode length."),
+    "render": (
+        "services.env_server.render",
+        "Record splat-rendered episode videos; --compare-sim: overlay with SAPIEN.",
+    ),
     "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }

@@ -220,9 +220,16 @@ class EnvServerConfig:
     metrics_port: int = 9201
     reconnect_backoff_s: float = 1.0
     max_reconnect_backoff_s: float = 30.0
+    # Episode videos of env 0 from the rendered frames (image tasks): every Nth episode, 0 = off. Written under
+    # video_dir/<env server id>/ (gsrl train: <run dir>/videos/train when video_dir is empty).
+    video_every_episodes: int = 0
+    video_dir: str = ""
+    # Draw step, reward, success and the instruction on the video frames.
+    info_on_video: bool = True
 
     def validate(self, key: str) -> None:
         _require(self.num_envs >= 1, f"{key}.num_envs", "must be >= 1")
+        _require(self.video_every_episodes >= 0, f"{key}.video_every_episodes", "must be >= 0 (0 = no videos)")
         _require(self.num_servers >= 0, f"{key}.num_servers", "must be >= 0")
         _require(
             all(":" in a for a in self.policy_addresses) and bool(self.policy_addresses),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gsrl.config import TaskConfig
+from gsrl.config import GS_TASK_PREFIX, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,20 @@ def _numpy_dtype(value: Any) -> np.dtype:
 
 
 def probe_env_spec(task: TaskConfig) -> EnvSpec:
-    """Create one env of ``task``, reset it, and read the observation layout and action size."""
+    """Create one env of ``task``, reset it, and read the observation layout and action size.
+
+    A Gaussian-splat task is probed through its physics task: its images' shapes follow from the render config
+    (``gsrl.tasks.gs_env.observation_shapes``), so probing never builds a splat scene or a renderer.
+    """
     import gymnasium as gym
 
     import gsrl.tasks  # noqa: F401  (registers the tasks)
 
+    splat = task.is_splat_rendered
     env = gym.make(
-        task.id,
+        task.id.removeprefix(GS_TASK_PREFIX),
         num_envs=1,
-        obs_mode=task.obs_mode,
+        obs_mode="state" if splat else task.obs_mode,
         control_mode=task.control_mode,
         reward_mode=task.reward_mode,
         sim_backend="physx_cpu",
@@ -77,4 +82,11 @@ def probe_env_spec(task: TaskConfig) -> EnvSpec:
             instruction = base.get_language_instruction()[0]
     finally:
         env.close()
+    if splat:
+        from gsrl.tasks.gs_env import observation_shapes
+
+        spec = {
+            key: (shape, "uint8" if key.startswith("rgb/") else "float32")
+            for key, shape in observation_shapes(task.render).items()
+        }
     return EnvSpec(observation_spec=spec, action_dim=action_dim, instruction=instruction)

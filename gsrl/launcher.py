@@ -178,6 +178,8 @@ def train(config: Config, run_dir: Path) -> int:
     else:
         redis_port = config.redis.port
     config = effective_config(config, redis_port)
+    if config.env_server.video_every_episodes and not config.env_server.video_dir:
+        config = config.with_overrides([f"env_server.video_dir={run_dir / 'videos' / 'train'}"])
     dump_config(config, run_dir / "config.yaml")
     redis_url = f"redis://{config.redis.host}:{redis_port}/{config.redis.db}"
     client = connect(redis_url, config.redis.password)

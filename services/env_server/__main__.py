@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.metrics import EnvServerMetrics, MetricsServer
 from services.env_server.core import EnvBatch
+from services.env_server.recorder import EpisodeRecorder
 from services.env_server.server import EnvServer
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> int:
@@ -42,6 +47,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
     if es.metrics_port:
         metrics_server = MetricsServer(metrics.registry, es.metrics_port + args.index).start()
         metrics_server.ready.set()
+    recorder = None
+    if es.video_every_episodes:
+        image_keys = sorted(k for k in batch.observation_spec if k.startswith("rgb/"))
+        if image_keys:
+            recorder = EpisodeRecorder(
+                Path(es.video_dir or "videos") / args.id,
+                es.video_every_episodes,
+                image_keys[0],
+                instruction=batch.instructions[0],
+                info_on_video=es.info_on_video,
+                fps=task.control_freq / config.policy.action_chunk,
+            )
+        else:
+            log.warning("env_server.video_every_episodes is set but %s has no camera images; no videos", task.id)
     server = EnvServer(
         batch,
         es.policy_addresses,
@@ -54,12 +73,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
         log_every_s=config.run.log_every_s * 3,
         tls=config.tls,
         max_message_bytes=config.policy_server.max_message_bytes,
+        recorder=recorder,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     try:
         server.run()
     finally:
+        if recorder is not None:
+            recorder.close()
         batch.close()
         if metrics_server:
             metrics_server.stop()

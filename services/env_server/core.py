@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import gsrl.tasks  # noqa: F401  (registers gsrl's ManiSkill tasks with gymnasium)
-from gsrl.config import TaskConfig
+from gsrl.config import GS_TASK_PREFIX, RenderConfig, TaskConfig
 from gsrl.env_spec import flatten_observation
 
 ObservationSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -66,6 +66,11 @@ class EnvBatch:
 
     ``task_id`` must be a gsrl task (it receives ``success_mode``); frequencies go through ManiSkill's generic
     ``sim_config`` so they override the task's defaults without touching its solver settings.
+
+    A Gaussian-splat task (``GSEnv-<task>``, ``obs_mode="rgb"``) runs ``<task>``'s physics in each env and renders
+    the camera images of all envs of the batch in one call of the splat renderer (``gsrl.tasks.gs_env``), only
+    for the observations the policy reads: the one after each chunk and the final one of an ended episode, never
+    the intermediate steps of a chunk.
     """
 
     def __init__(
@@ -82,25 +87,37 @@ class EnvBatch:
         success_mode: str = "strict",
         seed: int = 0,
         sim_backend: str = "physx_cpu",
+        render: RenderConfig | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
-        if obs_mode not in ("state", "state_dict"):
-            raise ValueError(f"obs_mode must be 'state' or 'state_dict' (visual modes come later), got {obs_mode!r}")
+        splat_rendered = task_id.startswith(GS_TASK_PREFIX)
+        if splat_rendered and obs_mode != "rgb":
+            raise ValueError(
+                f"{task_id} is observed through the splat renderer: obs_mode must be 'rgb', got {obs_mode!r}"
+            )
+        if not splat_rendered and obs_mode not in ("state", "state_dict"):
+            raise ValueError(
+                f"obs_mode must be 'state' or 'state_dict' for {task_id} (camera images come from a "
+                f"{GS_TASK_PREFIX}{task_id} task with obs_mode 'rgb'), got {obs_mode!r}"
+            )
         self.task_id = task_id
         self.num_envs = num_envs
         self.obs_mode = obs_mode
         self.max_episode_steps = max_episode_steps
         self._envs: list[gym.Env] = []
+        self._observer: Any = None
+        physics_task_id = task_id.removeprefix(GS_TASK_PREFIX)
         try:
             for _ in range(num_envs):
                 self._envs.append(
                     gym.make(
-                        task_id,
+                        physics_task_id,
                         num_envs=1,
-                        obs_mode=obs_mode,
+                        # The splat observer reads proprioception from the state dict and renders the images itself.
+                        obs_mode="state_dict" if splat_rendered else obs_mode,
                         control_mode=control_mode,
                         reward_mode=reward_mode,
                         max_episode_steps=max_episode_steps,
@@ -110,6 +127,10 @@ class EnvBatch:
                         success_mode=success_mode,
                     )
                 )
+            if splat_rendered:
+                from gsrl.tasks.gs_env import SplatObserver  # the renderer stays unimported for state tasks
+
+                self._observer = SplatObserver([env.unwrapped for env in self._envs], render or RenderConfig())
         except BaseException:
             self.close()
             raise
@@ -128,6 +149,10 @@ class EnvBatch:
         self.observation_spec: ObservationSpec = {
             key: (value.shape, value.dtype) for key, value in self._to_numpy_obs(base._init_raw_obs).items()
         }
+        if self._observer is not None:
+            self.observation_spec.update(
+                {key: (shape, np.dtype(np.uint8)) for key, shape in self._observer.image_shapes.items()}
+            )
         get_instruction = getattr(base, "get_language_instruction", None)
         self.instructions: list[str] = [
             env.unwrapped.get_language_instruction()[0] if get_instruction is not None else "" for env in self._envs
@@ -146,6 +171,7 @@ class EnvBatch:
         """Start a fresh episode in every env; returns the observations, each [B, ...]."""
         self._require_open()
         self._last_obs = [self._reset_env(i) for i in range(self.num_envs)]
+        self._attach_images(self._last_obs, [self._snapshot(i) for i in range(self.num_envs)])
         self._episode_return[:] = 0.0
         self._episode_length[:] = 0
         self._episode_success_once[:] = False
@@ -170,6 +196,7 @@ class EnvBatch:
         episode_length = np.zeros(num_envs, dtype=np.int32)
         episode_success_once = np.zeros(num_envs, dtype=bool)
         final_obs = list(self._last_obs)
+        final_snapshots: dict[int, Any] = {}
         steps_executed = 0
 
         for i, env in enumerate(self._envs):
@@ -185,6 +212,8 @@ class EnvBatch:
                 truncated[i] = bool(_scalar(trunc)) and not terminated[i]
                 if terminated[i] or truncated[i]:
                     final_obs[i] = self._last_obs[i]
+                    if self._observer is not None:
+                        final_snapshots[i] = self._snapshot(i)  # before the reset moves everything
                     episode_return[i] = self._episode_return[i]
                     episode_length[i] = self._episode_length[i]
                     episode_success_once[i] = self._episode_success_once[i]
@@ -195,6 +224,13 @@ class EnvBatch:
                     break
             if not (terminated[i] or truncated[i]):
                 final_obs[i] = self._last_obs[i]
+
+        if self._observer is not None:
+            ended = sorted(final_snapshots)
+            self._attach_images(
+                self._last_obs + [final_obs[i] for i in ended],
+                [self._snapshot(i) for i in range(num_envs)] + [final_snapshots[i] for i in ended],
+            )
 
         return ChunkResult(
             observations=self._stack(self._last_obs),
@@ -223,10 +259,19 @@ class EnvBatch:
             control_freq=task.control_freq,
             success_mode=task.success_mode,
             seed=seed,
+            render=task.render,
         )
+
+    @property
+    def observer(self) -> Any:
+        """The splat observer (``gsrl.tasks.gs_env.SplatObserver``) of a GSEnv task, else None."""
+        return self._observer
 
     def close(self) -> None:
         """Close every env; safe to call twice."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.close()
         envs, self._envs = self._envs, []
         for env in envs:
             env.close()
@@ -246,7 +291,21 @@ class EnvBatch:
     def _reset_env(self, i: int) -> dict[str, np.ndarray]:
         seed = int(self._reset_rngs[i].integers(2**31 - 1))
         obs, _ = self._envs[i].reset(seed=seed)
+        if self._observer is not None:
+            self._observer.new_episode(i, seed)  # per-episode image randomization, seeded like the layout
         return self._to_numpy_obs(obs)
+
+    def _snapshot(self, i: int) -> Any:
+        """What the renderer needs of env ``i`` now (body and camera poses, its randomization); None for state."""
+        return None if self._observer is None else self._observer.snapshot(i)
+
+    def _attach_images(self, observations: list[dict[str, np.ndarray]], snapshots: list[Any]) -> None:
+        """Render the camera images of ``snapshots`` in one batched call and add them to ``observations``."""
+        if self._observer is None:
+            return
+        images = self._observer.render(snapshots)
+        for n, obs in enumerate(observations):
+            obs.update({key: frames[n] for key, frames in images.items()})
 
     def _validate_and_map(self, action_chunk: np.ndarray) -> np.ndarray:
         """Check [B, C, A] shape, float dtype and finiteness; clip to [-1, 1] and map onto the action Box."""
@@ -266,8 +325,14 @@ class EnvBatch:
         return scale_actions(action_chunk, self._action_low, self._action_high)
 
     def _to_numpy_obs(self, obs: Any) -> dict[str, np.ndarray]:
-        """ManiSkill's batch-1 torch obs -> {key: unbatched numpy array}, keyed as the policy server expects."""
-        return {key: _to_numpy(value)[0] for key, value in flatten_observation(obs).items()}
+        """ManiSkill's batch-1 torch obs -> {key: unbatched numpy array}, keyed as the policy server expects.
+
+        For a splat task this is the proprioceptive ``state`` only; the images are attached after rendering.
+        """
+        flat = {key: _to_numpy(value)[0] for key, value in flatten_observation(obs).items()}
+        if self._observer is not None:
+            return {"state": self._observer.proprioception(flat)}
+        return flat
 
     def _stack(self, per_env: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {key: np.stack([obs[key] for obs in per_env]) for key in per_env[0]}

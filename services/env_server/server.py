@@ -25,6 +25,7 @@ from gsrl.metrics import EnvServerMetrics
 from gsrl.tls import open_channel
 from gsrl.v1 import rollout_pb2, rollout_pb2_grpc
 from services.env_server.core import ChunkResult, EnvBatch
+from services.env_server.recorder import EpisodeRecorder
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ class EnvServer:
         log_every_s: float = 30.0,
         tls: TLSConfig | None = None,
         max_message_bytes: int = 64 << 20,
+        recorder: EpisodeRecorder | None = None,
     ) -> None:
         self.batch = batch
+        self.recorder = recorder
         # Policy servers to try in turn; a "dns:///" entry lets gRPC balance over every address it resolves to.
         self.addresses = split_addresses(address) if isinstance(address, str) else list(address)
         self._next_address = 0
@@ -125,6 +128,8 @@ class EnvServer:
         self.episodes = 0
         self.recent_success: deque[bool] = deque(maxlen=100)
         self._observations = batch.reset()
+        if recorder is not None:
+            recorder.start(self._observations)
 
     def run(self) -> None:
         """Serve until stopped, reopening the stream with exponential back-off after failures."""
@@ -244,6 +249,8 @@ class EnvServer:
                 result = self.batch.step_chunk(actions)
                 self.metrics.chunk_seconds.observe(time.monotonic() - chunk_started)
                 self._account(result)
+                if self.recorder is not None:
+                    self.recorder.record(result)
                 self._observations = result.observations
                 outgoing.put(
                     rollout_pb2.RolloutRequest(

@@ -45,4 +45,5 @@ def test_role_commands_reject_bad_config_before_starting(capsys: pytest.CaptureF
 
 def test_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "-c", "no_such_preset"]) == 2
-    assert "presets: state_ppo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "presets: " in err and "state_ppo" in err and "gs_ppo" in err
