@@ -3,6 +3,7 @@
 gsrl train [-c run.yaml] [section.key=value ...]     everything as local processes
 gsrl env-server | policy-server | learner [...]      one role (what a pod runs)
 gsrl eval | render [-c run.yaml] [...]                evaluate a checkpoint; record splat-rendered videos
+gsrl splat table | render | fit | align [...]         the Real2Sim tools (fit and align splat scenes)
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
 """
 
@@ -110,6 +111,7 @@ COMMANDS = {
         "services.env_server.render",
         "Record splat-rendered episode videos; --compare-sim: overlay with SAPIEN.",
     ),
+    "splat": ("gsrl.splat.cli", "Real2Sim tools: render posed views, fit a splat scene, align a scan to the sim."),
     "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }
