@@ -298,6 +298,20 @@ def build_scene_gaussians(env: Any, conversion: SceneConversion | None = None) -
     return SceneGaussians(parts, conversion=asdict(conversion) | {"resolved_crop_box": crop})
 
 
+def part_entities(env: Any, parts: SceneGaussians | Sequence[ScenePart]) -> list[sapien.Entity]:
+    """The SAPIEN entity of each part's body in sub-scene 0, in ``parts`` order (KeyError for a missing body).
+
+    For a single CPU-physics env, ``entity.pose`` is the body's world pose and reading it costs microseconds: a
+    renderer that needs every body's pose at every step holds these instead of calling ``part_world_poses``.
+    """
+    parts = parts.parts if isinstance(parts, SceneGaussians) else parts
+    entities = {(body.kind, body.name): body.entity for body in _bodies(env)}
+    missing = [f"{p.kind} {p.name!r}" for p in parts if (p.kind, p.name) not in entities]
+    if missing:
+        raise KeyError(f"scene part(s) {missing} are not bodies of the env's scene")
+    return [entities[(p.kind, p.name)] for p in parts]
+
+
 def part_world_poses(env: Any, parts: SceneGaussians | Sequence[ScenePart]) -> torch.Tensor:
     """World pose of each part's body now, [num_envs, P, 4, 4] float32, in ``parts`` order.
 

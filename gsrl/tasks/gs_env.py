@@ -55,6 +55,7 @@ from gsrl.splat.scene_gaussians import (
     ScenePart,
     build_scene_gaussians,
     load_scene,
+    part_entities,
     part_world_poses,
     save_scene,
 )
@@ -309,6 +310,7 @@ class SplatObserver:
                 f"this scene's moving parts have SH degree {self.sh_degree}: set task.render.lighting=none"
             )
         self._local_normals = disc_normals(moving.quats).to(dev)
+        self._entities = [part_entities(env, self.moving_parts) for env in self.envs]
         self._part_index = torch.cat(
             [torch.full((len(p.gaussians),), i, dtype=torch.long) for i, p in enumerate(self.moving_parts)]
         ).to(dev)
@@ -355,8 +357,9 @@ class SplatObserver:
         self._third_person_views[env_index] = view
 
     def snapshot(self, env_index: int) -> RenderSnapshot:
-        env = self.envs[env_index]
-        poses = part_world_poses(env, self.moving_parts)[0]
+        poses = torch.from_numpy(
+            np.stack([entity.pose.to_transformation_matrix() for entity in self._entities[env_index]])
+        ).to(torch.float32)
         views = []
         for camera in self.cameras:
             if camera == "3rd_view_camera":
@@ -373,7 +376,8 @@ class SplatObserver:
         dev = self.device
         n, c = len(snapshots), len(self.cameras)
         poses = torch.stack([s.poses for s in snapshots]).to(dev)
-        viewmats = torch.stack([s.viewmats for s in snapshots]).to(dev)
+        viewmats_host = torch.stack([s.viewmats for s in snapshots])
+        viewmats = viewmats_host.to(dev)
         Ks = self._Ks.to(dev).expand(n, -1, -1, -1)
         means, quats = place_parts(self._means, self._quats, self._part_index, poses)
         if self.lights is not None:  # moving parts: shade with this step's world normals
@@ -411,7 +415,8 @@ class SplatObserver:
         renders them once; only views missing from the cache (new camera noise, the wrist camera) are rendered,
         all in one call.
         """
-        keys = [(v.cpu().numpy().tobytes(), k.cpu().numpy().tobytes()) for v, k in zip(viewmats, Ks, strict=True)]
+        # Keys from host tensors: hashing device tensors would synchronize with the GPU once per view.
+        keys = [(v.numpy().tobytes(), k.numpy().tobytes()) for v, k in zip(viewmats, Ks, strict=True)]
         missing = sorted({i for i, key in enumerate(keys) if key not in self._static_cache}, key=lambda i: keys[i])
         missing_keys = list(dict.fromkeys(keys[i] for i in missing))
         if missing_keys:
@@ -423,8 +428,8 @@ class SplatObserver:
                 static.scales,
                 static.opacities,
                 static.sh,
-                viewmats[first],
-                Ks[first],
+                viewmats[first].to(self.device),
+                Ks[first].to(self.device),
                 self.config.width,
                 self.config.height,
                 sh_degree=static.sh_degree,
