@@ -1,4 +1,4 @@
-"""Row 1: the tensor codec (numpy -> ``gsrl.v1.Tensor`` -> torch) against one plain memory copy of the bytes."""
+"""Row 4, second half: the tensor codec (numpy -> ``gsrl.v1.Tensor`` -> torch) against a plain copy of the bytes."""
 
 from __future__ import annotations
 

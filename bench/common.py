@@ -28,8 +28,17 @@ class Row:
             return None
         return self.gsrl / self.baseline
 
+    @property
+    def goal_met(self) -> bool | None:
+        """Whether ``ratio`` meets ``goal`` (">= 0.8", "<= 1.2"); None without a goal or a ratio."""
+        ratio, parts = self.ratio, self.goal.split()
+        if ratio is None or len(parts) != 2 or parts[0] not in (">=", "<="):
+            return None
+        bound = float(parts[1])
+        return ratio >= bound if parts[0] == ">=" else ratio <= bound
+
     def to_json(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio, "goal_met": self.goal_met}
 
 
 def skipped_row(stage: str, reason: str) -> Row:
@@ -49,12 +58,83 @@ class Sizes:
     rollout_steps: int  # step reports per stream per repeat
     act_calls: int
     env_steps: int  # env steps per repeat
+    weights_mib: int  # bytes of the published state dict
+    weight_subscribers: int  # policy servers receiving each publish (NCCL: at most the GPUs but one)
+    scaling_processes: tuple[int, ...]  # env process counts of the scaling row
+    scaling_window_s: float  # each process count steps for this long (all processes over the same window)
+    loop_overrides: tuple[str, ...]  # on top of configs/state_ppo.yaml, for the whole-loop run and its baseline
+    loop_warmup_s: float  # after the first env steps are counted, before the window opens
+    loop_window_s: float
 
 
+# The smallest whole loop that still runs every role (as tests/_tiny_run.py, which the bench cannot import).
+_TINY_LOOP = (
+    "env_server.num_servers=1",
+    "env_server.num_envs=2",
+    "policy.hidden_sizes=[32]",
+    "policy_server.segment_length=4",
+    "learner.segments_per_update=2",
+    "redis.max_stream_len=8",
+    "algo.update_epochs=1",
+    "algo.num_minibatches=2",
+)
 SIZES = {
-    "smoke": Sizes("smoke", 1, 0.05, 4, 16, (16,), 5, 20, 10),
-    "default": Sizes("default", 3, 0.5, 4, 200, (16, 64), 60, 300, 150),
-    "full": Sizes("full", 5, 2.0, 64, 1000, (16, 64, 256), 200, 2000, 1000),
+    "smoke": Sizes(
+        name="smoke",
+        repeats=1,
+        min_time_s=0.05,
+        codec_mib=4,
+        transport_segments=16,
+        rollout_envs=(16,),
+        rollout_steps=5,
+        act_calls=20,
+        env_steps=10,
+        weights_mib=4,
+        weight_subscribers=2,
+        scaling_processes=(1, 2),
+        scaling_window_s=1.0,
+        loop_overrides=_TINY_LOOP,
+        loop_warmup_s=1.0,
+        loop_window_s=3.0,
+    ),
+    "default": Sizes(
+        name="default",
+        repeats=3,
+        min_time_s=0.5,
+        codec_mib=4,
+        transport_segments=200,
+        rollout_envs=(16, 64),
+        rollout_steps=60,
+        act_calls=300,
+        env_steps=150,
+        weights_mib=64,
+        weight_subscribers=2,
+        scaling_processes=(1, 2, 4),
+        scaling_window_s=3.0,
+        loop_overrides=(),  # configs/state_ppo.yaml as `make run` trains it: 2 env servers x 4 envs
+        loop_warmup_s=5.0,
+        loop_window_s=20.0,
+    ),
+    "full": Sizes(
+        name="full",
+        repeats=5,
+        min_time_s=2.0,
+        codec_mib=64,
+        transport_segments=1000,
+        rollout_envs=(16, 64, 256),
+        rollout_steps=200,
+        act_calls=2000,
+        env_steps=1000,
+        weights_mib=1024,
+        weight_subscribers=3,
+        scaling_processes=(1, 2, 4, 8, 16),
+        scaling_window_s=10.0,
+        # The learner goes to the GPU there; the policy server stays on the CPU (its default), and NCCL cannot
+        # reach a CPU subscriber, so the weights go over gloo, as the config's comment prescribes.
+        loop_overrides=("env_server.num_servers=4", "learner.broadcast_backend=gloo"),
+        loop_warmup_s=10.0,
+        loop_window_s=60.0,
+    ),
 }
 
 

@@ -1,8 +1,9 @@
-"""Row 4: env steps/s of ``EnvBatch`` (one process, one env) against raw gymnasium ``env.step`` of the same env.
+"""Row 1: env steps/s of ``EnvBatch`` (one process, one env) against raw gymnasium ``env.step`` of the same env.
 
 Both step ``PutCubeOnPlate-v0`` with state observations, the controller of ``configs/state_ppo.yaml`` and random
 actions; both reset when an episode ends. The EnvBatch side adds action mapping, episode bookkeeping and
-observation flattening, which is what this row prices.
+observation flattening, which is what this row prices. The issue's other env-server figure, Gaussian-splat
+rendered against physics-only (same task, same process count), is ``bench/gs_render.py``.
 """
 
 from __future__ import annotations

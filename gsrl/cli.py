@@ -5,6 +5,7 @@ gsrl env-server | policy-server | learner [...]      one role (what a pod runs)
 gsrl eval | render [-c run.yaml] [...]                evaluate a checkpoint; record splat-rendered videos
 gsrl splat table | render | fit | align [...]         the Real2Sim tools (fit and align splat scenes)
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
+gsrl check [-c run.yaml] [overrides] [--steps N]      build env + policy, run steps end to end, ping services
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ COMMANDS = {
     ),
     "splat": ("gsrl.splat.cli", "Real2Sim tools: render posed views, fit a splat scene, align a scan to the sim."),
     "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
+    "check": ("gsrl.check", "Check env, policy, checkpoint and services fit: a few steps end to end, PASS/FAIL."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }
 

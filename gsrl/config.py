@@ -39,12 +39,29 @@ class RunConfig:
     max_updates: int = 0
     seed: int = 0
     log_every_s: float = 10.0
+    # Where the learner writes its scalars (actor/loss, env/success_once, ...): any of tensorboard (under
+    # <run dir>/tensorboard), wandb, swanlab (optional packages: pip install wandb / swanlab).
+    loggers: tuple[str, ...] = ("tensorboard",)
+    # Project name of the wandb and swanlab runs (the run is called run.name).
+    wandb_project: str = "gsrl"
+    # offline: wandb and swanlab write their run files under the run directory and never touch the network (sync
+    # later with `wandb sync` / `swanlab sync`); online: they stream to their servers.
+    logger_mode: str = "offline"
 
     def validate(self, key: str) -> None:
         _require(self.name.strip() != "", f"{key}.name", "must not be empty")
         _require(self.duration_s >= 0, f"{key}.duration_s", "must be >= 0")
         _require(self.max_updates >= 0, f"{key}.max_updates", "must be >= 0")
         _require(self.log_every_s > 0, f"{key}.log_every_s", "must be > 0")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        _require(not unknown, f"{key}.loggers", f"unknown logger(s) {unknown}; known: {LOGGERS}")
+        _require(len(set(self.loggers)) == len(self.loggers), f"{key}.loggers", "lists a logger twice")
+        _require(self.wandb_project.strip() != "", f"{key}.wandb_project", "must not be empty")
+        _require(self.logger_mode in LOGGER_MODES, f"{key}.logger_mode", f"must be one of {LOGGER_MODES}")
+
+
+LOGGERS = ("tensorboard", "wandb", "swanlab")
+LOGGER_MODES = ("offline", "online")
 
 
 @dataclass(frozen=True)
@@ -211,6 +228,9 @@ class EnvServerConfig:
     """One env server process runs `num_envs` environments and streams to one policy server."""
 
     num_envs: int = 4
+    # Pipelined stages: the envs split into this many groups of num_envs / pipeline_stages, each on its own Rollout
+    # stream, so one group steps physics (and renders) while the policy server infers for another. 1 = no pipelining.
+    pipeline_stages: int = 1
     # How many env server processes `gsrl train` starts (on a cluster: the Deployment's replicas).
     num_servers: int = 2
     # One policy server "host:port", several "host:port,host:port" (tried in turn on reconnect), or a gRPC
@@ -229,6 +249,12 @@ class EnvServerConfig:
 
     def validate(self, key: str) -> None:
         _require(self.num_envs >= 1, f"{key}.num_envs", "must be >= 1")
+        _require(self.pipeline_stages >= 1, f"{key}.pipeline_stages", "must be >= 1 (1 = no pipelining)")
+        _require(
+            self.num_envs % self.pipeline_stages == 0,
+            f"{key}.pipeline_stages",
+            f"must divide {key}.num_envs ({self.num_envs}) so every stage gets the same number of envs",
+        )
         _require(self.video_every_episodes >= 0, f"{key}.video_every_episodes", "must be >= 0 (0 = no videos)")
         _require(self.num_servers >= 0, f"{key}.num_servers", "must be >= 0")
         _require(
@@ -399,6 +425,58 @@ class LearnerConfig:
         _require(self.claim_idle_s >= 0, f"{key}.claim_idle_s", "must be >= 0 (0 = never)")
 
 
+PLACEMENT_PRESETS = ("separate", "shared", "hybrid")
+PLACEMENT_ROLE_KEYS = ("env_gpus", "policy_gpus", "learner_gpus")
+# GPU lists that must not share a GPU under each preset: separate keeps every role apart, hybrid keeps the learners
+# apart from the env and policy servers, shared co-locates everything.
+PLACEMENT_DISJOINT = {
+    "separate": (("env_gpus", "policy_gpus"), ("env_gpus", "learner_gpus"), ("policy_gpus", "learner_gpus")),
+    "hybrid": (("env_gpus", "learner_gpus"), ("policy_gpus", "learner_gpus")),
+    "shared": (),
+}
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Which GPUs each role's processes use (``gsrl train``; on Kubernetes the chart's ``placement.preset`` decides).
+
+    separate: every role on GPUs of its own; shared: env servers, policy servers and learner ranks on the same GPUs;
+    hybrid: env and policy servers share GPUs, the learners have their own. Trade-offs (memory, contention, where the
+    weight broadcast and the observations travel) are in docs/placement.md; the assignment is ``gsrl.placement``.
+    """
+
+    # separate | shared | hybrid
+    preset: str = "separate"
+    # GPUs to place processes on: the first `gpus` of those this machine shows (CUDA_VISIBLE_DEVICES honoured);
+    # 0 = all of them. With none, nothing is placed and every process sees what the machine shows.
+    gpus: int = 0
+    # Explicit GPU indices (among those shown) per role; empty = derived from the preset and the GPU count.
+    env_gpus: tuple[int, ...] = ()
+    policy_gpus: tuple[int, ...] = ()
+    learner_gpus: tuple[int, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(self.preset in PLACEMENT_PRESETS, f"{key}.preset", f"must be one of {PLACEMENT_PRESETS}")
+        _require(self.gpus >= 0, f"{key}.gpus", "must be >= 0 (0 = every GPU the machine shows)")
+        for name in PLACEMENT_ROLE_KEYS:
+            ids = getattr(self, name)
+            _require(all(i >= 0 for i in ids), f"{key}.{name}", f"GPU indices must be >= 0, got {list(ids)}")
+            _require(len(set(ids)) == len(ids), f"{key}.{name}", f"lists a GPU twice: {list(ids)}")
+            _require(
+                self.gpus == 0 or all(i < self.gpus for i in ids),
+                f"{key}.{name}",
+                f"GPU indices must be < {key}.gpus ({self.gpus}), got {list(ids)}",
+            )
+        for first, second in PLACEMENT_DISJOINT.get(self.preset, ()):
+            common = sorted(set(getattr(self, first)) & set(getattr(self, second)))
+            _require(
+                not common,
+                f"{key}.{second}",
+                f"shares GPU(s) {common} with {key}.{first}, but preset {self.preset!r} keeps them apart "
+                "(shared or hybrid co-locate roles)",
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run: every role reads the section it needs."""
@@ -412,6 +490,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

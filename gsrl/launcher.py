@@ -17,14 +17,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 from gsrl.cli import add_config_arguments, parse_role_arguments
-from gsrl.config import Config, dump_config
+from gsrl.config import Config, ConfigError, dump_config
+from gsrl.placement import ENV_SERVER, LEARNER, POLICY_SERVER, GpuPlan, plan_for, visible_gpu_names
 from gsrl.redis_conn import configure_local, connect
 from gsrl.redis_server import LocalRedis, free_port
 from gsrl.stream import StreamKeys, read_counter
@@ -80,6 +81,28 @@ def effective_config(config: Config, redis_port: int) -> Config:
         f"learner.master_port={free_port()}",
     ]
     return config.with_overrides(overrides)
+
+
+def gpu_plan(config: Config, environ: Mapping[str, str]) -> tuple[GpuPlan, list[str]]:
+    """Where each child computes: ``placement`` over the GPUs this process sees, and how children name them.
+
+    Counting goes through NVML (``torch.cuda.device_count``), so this process opens no CUDA context; a CPU build of
+    torch counts 0 and nothing is placed.
+    """
+    import torch
+
+    names = visible_gpu_names(environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    count = config.placement.gpus or len(names)
+    if count > len(names):
+        raise ConfigError("placement.gpus", f"{count} GPU(s) asked for, but this machine shows {len(names)}")
+    return plan_for(config, count), names[:count]
+
+
+def with_gpus(env: dict[str, str], plan: GpuPlan, names: list[str], role: str, index: int) -> dict[str, str]:
+    """A child's environment with its ``CUDA_VISIBLE_DEVICES`` from the plan; unchanged on a machine without GPUs."""
+    if plan.num_gpus == 0:
+        return env
+    return {**env, "CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices(role, index, names)}
 
 
 def spawn(role: str, name: str, args: list[str], env: dict[str, str], logs: Path) -> Child:
@@ -164,6 +187,7 @@ def summarize(client: redis.Redis, config: Config) -> dict[str, object]:
 
 def train(config: Config, run_dir: Path) -> int:
     run_dir = run_dir.resolve()  # children run with cwd at the repository root
+    plan, gpu_names = gpu_plan(config, os.environ)  # a preset the GPUs cannot satisfy stops before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -180,6 +204,11 @@ def train(config: Config, run_dir: Path) -> int:
     config = effective_config(config, redis_port)
     if config.env_server.video_every_episodes and not config.env_server.video_dir:
         config = config.with_overrides([f"env_server.video_dir={run_dir / 'videos' / 'train'}"])
+    if plan.policy_on_broadcast_root_gpu() and config.learner.broadcast_backend == "auto":
+        # NCCL refuses two members of one group on one GPU: the policy server shares learner rank 0's here.
+        config = config.with_overrides(["learner.broadcast_backend=gloo"])
+    if plan.num_gpus:
+        log.info("GPU placement %s over %d GPU(s): %s", plan.preset, plan.num_gpus, plan.describe())
     dump_config(config, run_dir / "config.yaml")
     redis_url = f"redis://{config.redis.host}:{redis_port}/{config.redis.db}"
     client = connect(redis_url, config.redis.password)
@@ -217,11 +246,16 @@ def train(config: Config, run_dir: Path) -> int:
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(config.learner.master_port),
             }
+            rank_env = with_gpus(rank_env, plan, gpu_names, LEARNER, rank)
             fleet.children.append(spawn("learner", f"learner-{rank}", common, rank_env, logs))
-        fleet.children.append(spawn("policy_server", "policy-server-0", [*common, "--id", "policy-0"], env, logs))
+        policy_env = with_gpus(env, plan, gpu_names, POLICY_SERVER, 0)
+        fleet.children.append(
+            spawn("policy_server", "policy-server-0", [*common, "--id", "policy-0"], policy_env, logs)
+        )
         for i in range(config.env_server.num_servers):
+            env_i = with_gpus(env, plan, gpu_names, ENV_SERVER, i)
             fleet.children.append(
-                spawn("env_server", f"env-server-{i}", [*common, "--index", str(i), "--id", f"env-{i}"], env, logs)
+                spawn("env_server", f"env-server-{i}", [*common, "--index", str(i), "--id", f"env-{i}"], env_i, logs)
             )
         log.info("run directory %s; logs in %s; tensorboard --logdir %s", run_dir, logs, run_dir / "tensorboard")
         progress = ProgressLine(client, config, started)

@@ -2,7 +2,8 @@
 
 Prometheus names follow ``gsrl_<role>_<what>_<unit>`` with bounded labels (no env ids). Each role
 builds its metrics on its own registry so several roles can live in one test process. TensorBoard
-scalars use RLinf's names (actor/loss, env/success_once, ...) so runs can be compared.
+scalars use RLinf's names (actor/loss, env/success_once, ...) so runs can be compared; ``gsrl.loggers``
+sends them to TensorBoard and, when ``run.loggers`` asks, to wandb or swanlab.
 """
 
 from __future__ import annotations
@@ -153,22 +154,21 @@ class MetricsServer:
 
 
 class ScalarLog:
-    """TensorBoard scalars under RLinf's names; a no-op when no log dir is given (non-zero ranks)."""
+    """TensorBoard scalars under RLinf's names; a no-op when no log dir is given (non-zero ranks).
+
+    Kept for callers of this older API; it writes through ``gsrl.loggers.TensorBoardLogger``. The learner uses
+    ``gsrl.loggers.build_loggers``, where ``run.loggers`` adds wandb or swanlab next to TensorBoard.
+    """
 
     def __init__(self, log_dir: str | Path | None) -> None:
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        from gsrl.loggers import TensorBoardLogger
 
-            self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        self.logger = TensorBoardLogger(log_dir) if log_dir is not None else None
 
     def log(self, scalars: Mapping[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, float(value), global_step=step)
+        if self.logger is not None:
+            self.logger.log(step, scalars)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self.logger is not None:
+            self.logger.close()

@@ -6,6 +6,12 @@ so nothing accepted is ever thrown away). Learners read with a consumer group, a
 entry (XACK + XDEL) only after an update used it, and count segments dropped for policy lag.
 A restarted learner rank re-reads its own pending entries first, so a crash loses nothing; both sides
 wait out a Redis restart (``gsrl.redis_conn.retry``) instead of crashing.
+
+An entry holds its payload inline (field ``seg``) or, from ``inline_max_bytes`` on (image segments), the name of
+a key that holds it (field ``ref``): the append must be a Lua script (the dedupe and the length check are
+conditional), and Redis turns every script argument into a Lua string at about 1 us per KiB, twenty times what an
+XADD of the same bytes costs its single thread. A large payload is therefore SET on its own, in the same round
+trip, and only its key name goes through the script; it is deleted with its entry.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import redis
 from google.protobuf.message import DecodeError
@@ -28,71 +35,71 @@ from gsrl.v1 import trajectory_pb2
 log = logging.getLogger(__name__)
 
 SEGMENT_FIELD = b"seg"
+PAYLOAD_REF_FIELD = b"ref"
+INLINE_MAX_BYTES = 64 << 10
 
 
 class SegmentDecodeError(ValueError):
     """A stream entry is not a valid TrajectorySegment."""
 
 
+# Per-step tensors of a segment, each [T, ...]; their order in the protobuf does not matter.
+_STEP_FIELDS = (
+    "action_chunks",
+    "logprobs",
+    "values",
+    "rewards",
+    "terminated",
+    "truncated",
+    "next_values",
+    "policy_versions",
+)
+
+
 def segment_to_proto(segment: Segment) -> trajectory_pb2.TrajectorySegment:
-    msg = trajectory_pb2.TrajectorySegment(
+    # One constructor call: with upb, CopyFrom into each sub-message costs about three times as much.
+    return trajectory_pb2.TrajectorySegment(
         segment_id=segment.segment_id or uuid.uuid4().hex,
         env_key=segment.env_key,
         policy_version=segment.policy_version,
         instructions=segment.instructions,
         created_unix=segment.created_unix or time.time(),
+        observations=codec.encode_map(segment.observations),
+        episodes=[
+            trajectory_pb2.EpisodeSummary(
+                episode_return=ep.episode_return, episode_length=ep.episode_length, success_once=ep.success_once
+            )
+            for ep in segment.episodes
+        ],
+        **{name: codec.encode(getattr(segment, name)) for name in _STEP_FIELDS},
     )
-    msg.observations.CopyFrom(codec.encode_map(segment.observations))
-    for name in ("action_chunks", "logprobs", "values", "rewards", "terminated", "truncated", "next_values"):
-        getattr(msg, name).CopyFrom(codec.encode(getattr(segment, name)))
-    msg.policy_versions.CopyFrom(codec.encode(segment.policy_versions))
-    for ep in segment.episodes:
-        msg.episodes.add(
-            episode_return=ep.episode_return, episode_length=ep.episode_length, success_once=ep.success_once
-        )
-    return msg
 
 
 def segment_from_proto(msg: trajectory_pb2.TrajectorySegment) -> Segment:
     """Decode and check that every per-step tensor has the same length T."""
     try:
-        segment = Segment(
-            observations=codec.decode_map_torch(msg.observations, "observations/"),
-            action_chunks=codec.to_torch(msg.action_chunks, "action_chunks"),
-            logprobs=codec.to_torch(msg.logprobs, "logprobs"),
-            values=codec.to_torch(msg.values, "values"),
-            rewards=codec.to_torch(msg.rewards, "rewards"),
-            terminated=codec.to_torch(msg.terminated, "terminated"),
-            truncated=codec.to_torch(msg.truncated, "truncated"),
-            next_values=codec.to_torch(msg.next_values, "next_values"),
-            policy_versions=codec.to_torch(msg.policy_versions, "policy_versions"),
-            instructions=list(msg.instructions),
-            episodes=[EpisodeSummary(e.episode_return, e.episode_length, e.success_once) for e in msg.episodes],
-            segment_id=msg.segment_id,
-            env_key=msg.env_key,
-            created_unix=msg.created_unix,
-        )
+        observations = codec.decode_map_torch(msg.observations, "observations/")
+        steps = {name: codec.to_torch(getattr(msg, name), name) for name in _STEP_FIELDS}
     except codec.TensorDecodeError as exc:
         raise SegmentDecodeError(str(exc)) from exc
-    length = segment.length
+    rewards = steps["rewards"]
+    length = int(rewards.shape[0]) if rewards.dim() else 0
     if length == 0:
         raise SegmentDecodeError("segment has no transitions")
-    per_step = {
-        "action_chunks": segment.action_chunks,
-        "logprobs": segment.logprobs,
-        "values": segment.values,
-        "terminated": segment.terminated,
-        "truncated": segment.truncated,
-        "next_values": segment.next_values,
-        "policy_versions": segment.policy_versions,
-        **{f"observations/{k}": v for k, v in segment.observations.items()},
-    }
-    for name, tensor in per_step.items():
+    for name, tensor in (*steps.items(), *((f"observations/{k}", v) for k, v in observations.items())):
         if tensor.dim() == 0 or tensor.shape[0] != length:
             raise SegmentDecodeError(f"'{name}' has shape {list(tensor.shape)}, expected leading dim {length}")
-    if segment.action_chunks.dim() != 3:
-        raise SegmentDecodeError(f"'action_chunks' must be [T, C, A], got {list(segment.action_chunks.shape)}")
-    return segment
+    if steps["action_chunks"].dim() != 3:
+        raise SegmentDecodeError(f"'action_chunks' must be [T, C, A], got {list(steps['action_chunks'].shape)}")
+    return Segment(
+        observations=observations,
+        **steps,
+        instructions=list(msg.instructions),
+        episodes=[EpisodeSummary(e.episode_return, e.episode_length, e.success_once) for e in msg.episodes],
+        segment_id=msg.segment_id,
+        env_key=msg.env_key,
+        created_unix=msg.created_unix,
+    )
 
 
 @dataclass(frozen=True)
@@ -130,34 +137,76 @@ class StreamKeys:
     def policy_version(self) -> str:
         return f"{self.prefix}:policy_version"
 
+    def seen(self, segment_id: str) -> str:
+        """The dedupe key of one segment id (expires after ``DEDUPE_TTL_S``)."""
+        return f"{self.prefix}:seen:{segment_id}"
 
-# XADD + count, at most once per segment id: a producer that lost the reply to an XADD (Redis restarting
-# under it) retries the same segment, and the retry must not store it twice. The dedupe key expires.
+    def payload(self, segment_id: str) -> str:
+        """Where a large segment's payload lives while its entry is in the stream."""
+        return f"{self.prefix}:payload:{segment_id}"
+
+
+# XADD + count, at most once per segment id, for a batch of segments in one round trip and in order, stopping at
+# the first that finds the stream full (ARGV[1] = max_len; 0: no limit). Checking the length here, atomically with
+# the XADD, saves the XLEN round trip per segment and keeps concurrent producers from overshooting ``max_len``.
+# A producer that lost the reply (Redis restarting under it) retries the same segments, and the retry must not
+# store any twice: the dedupe key expires after ARGV[2] s. Returns one item per segment handled: the stream id,
+# or 0 for one already stored; fewer items than segments means the stream filled up (or, never seen in practice,
+# a staged payload was evicted: the retry stages it again).
+# KEYS = stream, produced counter, then one dedupe key per segment; ARGV = max_len, ttl, then per segment
+# (field, value, version): ('seg', payload) or ('ref', the key its payload was SET to ahead of this call).
+# A referenced payload is staged with a TTL (so one that never gets an entry expires) and made persistent here.
 _APPEND = """
-if redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[3]) then
-  local id = redis.call('XADD', KEYS[1], '*', 'seg', ARGV[1], 'v', ARGV[2])
-  redis.call('INCR', KEYS[2])
-  return id
+local max_len, ttl = tonumber(ARGV[1]), ARGV[2]
+local length = 0
+if max_len > 0 then length = redis.call('XLEN', KEYS[1]) end
+local results, added = {}, 0
+for i = 1, #KEYS - 2 do
+  if max_len > 0 and length >= max_len then break end
+  local field, value = ARGV[3 * i], ARGV[3 * i + 1]
+  if field == 'ref' and redis.call('EXISTS', value) == 0 then break end
+  if redis.call('SET', KEYS[2 + i], 1, 'NX', 'EX', ttl) then
+    if field == 'ref' then redis.call('PERSIST', value) end
+    results[i] = redis.call('XADD', KEYS[1], '*', field, value, 'v', ARGV[3 * i + 2])
+    added = added + 1
+    length = length + 1
+  else
+    results[i] = 0
+  end
 end
-return false
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return results
 """
 # Acknowledge + delete + count in one step, counting only entries this call actually acknowledged: an entry
-# delivered twice (re-claimed from a consumer presumed dead that was only slow) is counted once.
+# delivered twice (re-claimed from a consumer presumed dead that was only slow) is counted once. XACK and XDEL
+# take many ids per call (sliced: ``unpack`` is bounded by Lua's C stack), instead of two calls per id.
+# KEYS[4..] are the payload keys of referenced entries among them, deleted with their entries.
 _ACKNOWLEDGE = """
 local group, n_consumed = ARGV[1], tonumber(ARGV[2])
-local consumed, dropped = 0, 0
-for i = 3, #ARGV do
-  local acked = redis.call('XACK', KEYS[1], group, ARGV[i])
-  redis.call('XDEL', KEYS[1], ARGV[i])
-  if i - 2 <= n_consumed then consumed = consumed + acked else dropped = dropped + acked end
+local function each_slice(list, first, last, fn)
+  local total = 0
+  for i = first, last, 1000 do total = total + fn(unpack(list, i, math.min(i + 999, last))) end
+  return total
 end
+local function ack(first, last)
+  return each_slice(ARGV, first, last, function(...)
+    local acked = redis.call('XACK', KEYS[1], group, ...)
+    redis.call('XDEL', KEYS[1], ...)
+    return acked
+  end)
+end
+local consumed = ack(3, 2 + n_consumed)
+local dropped = ack(3 + n_consumed, #ARGV)
+each_slice(KEYS, 4, #KEYS, function(...) return redis.call('DEL', ...) end)
 if consumed > 0 then redis.call('INCRBY', KEYS[2], consumed) end
 if dropped > 0 then redis.call('INCRBY', KEYS[3], dropped) end
 return {consumed, dropped}
 """
+# KEYS[4], if given, is the entry's payload key: the payload moves into the dead-letter entry (a rare path).
 _DEAD_LETTER = """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+if #KEYS > 3 then redis.call('DEL', KEYS[4]) end
 if acked == 1 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'entry', ARGV[2], 'seg', ARGV[3], 'reason', ARGV[4])
   redis.call('INCR', KEYS[3])
@@ -165,6 +214,10 @@ end
 return acked
 """
 DEDUPE_TTL_S = 3600
+# One script call carries at most this many segments and bytes, so a burst of image segments does not become one
+# huge request that holds Redis (single-threaded) for long.
+_MAX_BATCH_SEGMENTS = 256
+_MAX_BATCH_BYTES = 16 << 20
 
 
 class SegmentProducer:
@@ -172,7 +225,7 @@ class SegmentProducer:
 
     A Redis that is down or restarting is waited out (retry with back-off), so the policy server holds its
     env streams instead of crashing; once ``append`` returns, the segment is in Redis (and, with append-only
-    persistence, survives a restart of it).
+    persistence, survives a restart of it). Payloads of ``inline_max_bytes`` or more are stored by reference.
     """
 
     def __init__(
@@ -183,6 +236,7 @@ class SegmentProducer:
         poll_s: float = 0.05,
         should_stop: Callable[[], bool] = lambda: False,
         give_up_s: float = 30.0,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -191,6 +245,7 @@ class SegmentProducer:
         self.should_stop = should_stop
         # A stopping producer waits at most this long for Redis before giving a segment up (and saying so).
         self.give_up_s = give_up_s
+        self.inline_max_bytes = inline_max_bytes
         self.backpressure_s = 0.0
         self._append_script = client.register_script(_APPEND)
 
@@ -203,8 +258,18 @@ class SegmentProducer:
         Raises a Redis connection error only when the producer is stopping and Redis stayed unreachable for
         ``give_up_s`` (at most 30 s) more: that segment was never stored, and the error says so.
         """
-        msg = segment_to_proto(segment)
-        payload = msg.SerializeToString()
+        return self.append_many([segment])[0]
+
+    def append_many(self, segments: Sequence[Segment]) -> list[bytes | None]:
+        """``append`` for several segments, in order, in one round trip per batch while the stream has room.
+
+        A policy server completes the segments of all envs of a stream at the same step; one round trip for all
+        of them instead of one each is what keeps the transport near raw XADD speed. Waits for room exactly as
+        ``append`` does (the segments that fit go in; the rest wait), and raises as it does.
+        """
+        messages = [segment_to_proto(segment) for segment in segments]
+        payloads = [msg.SerializeToString() for msg in messages]
+        results: list[bytes | None] = []
         stopping_since: list[float] = []
 
         def stop_waiting() -> bool:  # keep trying while running; a stopping producer gets give_up_s more
@@ -213,19 +278,63 @@ class SegmentProducer:
             stopping_since[:1] = stopping_since[:1] or [time.monotonic()]
             return time.monotonic() - stopping_since[0] > min(self.give_up_s, 30.0)
 
-        keys = [self.keys.stream, self.keys.produced, f"{self.keys.prefix}:seen:{msg.segment_id}"]
-        args = [payload, segment.policy_version, DEDUPE_TTL_S]
         try:
-            waited_from = None
-            while self.stream_length(stop_waiting) >= self.max_len and not self.should_stop():
-                waited_from = waited_from or time.monotonic()
-                time.sleep(self.poll_s)
-            if waited_from is not None:
-                self.backpressure_s += time.monotonic() - waited_from
-            return retry(lambda: self._append_script(keys=keys, args=args), "XADD segment", stop_waiting)
+            while len(results) < len(messages):
+                first = len(results)
+                last = _batch_end(payloads, first)
+                # A stopping producer no longer waits for room: its last segments go in regardless.
+                max_len = 0 if self.should_stop() else self.max_len
+                keys = [self.keys.stream, self.keys.produced]
+                args: list[bytes | str | int] = [max_len, DEDUPE_TTL_S]
+                staged: list[tuple[str, bytes]] = []
+                for msg, payload in zip(messages[first:last], payloads[first:last], strict=True):
+                    keys.append(self.keys.seen(msg.segment_id))
+                    if len(payload) >= self.inline_max_bytes:
+                        staged.append((self.keys.payload(msg.segment_id), payload))
+                        args += (PAYLOAD_REF_FIELD, staged[-1][0], msg.policy_version)
+                    else:
+                        args += (SEGMENT_FIELD, payload, msg.policy_version)
+                reply = retry(partial(self._append, keys, args, staged), "XADD segments", stop_waiting)
+                results += [entry_id or None for entry_id in reply]
+                if len(reply) < last - first:
+                    self._wait_for_room(stop_waiting)
         except TRANSIENT_ERRORS:
-            log.error("segment %s of %s lost: redis unreachable while stopping", msg.segment_id, segment.env_key)
+            for msg, segment in zip(messages[len(results) :], segments[len(results) :], strict=True):
+                log.error("segment %s of %s lost: redis unreachable while stopping", msg.segment_id, segment.env_key)
             raise
+        return results
+
+    def _append(self, keys: list[str], args: list[bytes | str | int], staged: list[tuple[str, bytes]]) -> list:
+        """One round trip: the staged payloads' SETs (if any), then the script. Safe to repeat (see ``_APPEND``)."""
+        if not staged:
+            return self._append_script(keys=keys, args=args)
+        for _ in range(2):  # the second time after loading the script into a Redis that lost it (a restart)
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, payload in staged:
+                    # NX: a payload an earlier try already got an entry for (persistent now) is left alone.
+                    pipe.set(key, payload, nx=True, ex=DEDUPE_TTL_S)
+                pipe.evalsha(self._append_script.sha, len(keys), *keys, *args)
+                try:
+                    return pipe.execute()[-1]
+                except redis.exceptions.NoScriptError:
+                    self.client.script_load(_APPEND)
+        raise RuntimeError("redis keeps losing the append script")
+
+    def _wait_for_room(self, stop_waiting: Callable[[], bool]) -> None:
+        """Poll XLEN (no payload re-sent) until the stream has room or the producer stops; counts the wait."""
+        waited_from = time.monotonic()
+        while self.stream_length(stop_waiting) >= self.max_len and not self.should_stop():
+            time.sleep(self.poll_s)
+        self.backpressure_s += time.monotonic() - waited_from
+
+
+def _batch_end(payloads: Sequence[bytes], first: int) -> int:
+    """End (exclusive) of the batch starting at ``first``: at least one segment, then within both limits."""
+    end, size = first + 1, len(payloads[first])
+    while end < len(payloads) and end - first < _MAX_BATCH_SEGMENTS and size + len(payloads[end]) <= _MAX_BATCH_BYTES:
+        size += len(payloads[end])
+        end += 1
+    return end
 
 
 @dataclass
@@ -259,8 +368,9 @@ class SegmentConsumer:
         self.should_stop = should_stop
         # After a restart, this consumer's unacknowledged entries are replayed from this cursor first.
         self._pending_cursor: bytes | None = b"0"
-        # Delivered to the caller and not yet acknowledged: never handed out twice by a re-read.
-        self._outstanding: set[bytes] = set()
+        # Delivered to the caller and not yet acknowledged (never handed out twice by a re-read), with the payload
+        # key of each that is stored by reference (deleted when it is acknowledged).
+        self._outstanding: dict[bytes, bytes | None] = {}
         self._next_claim = 0.0
         self._acknowledge_script = client.register_script(_ACKNOWLEDGE)
         self._dead_letter_script = client.register_script(_DEAD_LETTER)
@@ -337,24 +447,31 @@ class SegmentConsumer:
         return self._decode(items), last_id
 
     def _decode(self, items: list[tuple[bytes, dict | None]]) -> list[StreamEntry]:
+        # Payloads stored by reference come in one MGET for the whole batch.
+        refs = [f[PAYLOAD_REF_FIELD] for _, f in items if f and SEGMENT_FIELD not in f and PAYLOAD_REF_FIELD in f]
+        fetched = dict(zip(refs, self.client.mget(refs), strict=True)) if refs else {}
         entries: list[StreamEntry] = []
         for entry_id, fields in items:
             if fields is None:  # deleted while pending
                 self.client.xack(self.keys.stream, self.group, entry_id)
                 continue
+            ref = fields.get(PAYLOAD_REF_FIELD) if SEGMENT_FIELD not in fields else None
+            payload = fields.get(SEGMENT_FIELD) if ref is None else fetched.get(ref)
             try:
-                msg = trajectory_pb2.TrajectorySegment.FromString(fields[SEGMENT_FIELD])
+                if payload is None:
+                    raise KeyError(f"payload {ref!r} is missing" if ref else SEGMENT_FIELD)
+                msg = trajectory_pb2.TrajectorySegment.FromString(payload)
                 entries.append(StreamEntry(entry_id, segment_from_proto(msg)))
+                self._outstanding[entry_id] = ref
             except (KeyError, DecodeError, SegmentDecodeError, ValueError) as exc:
-                self._dead_letter(entry_id, fields, str(exc) or type(exc).__name__)
-        self._outstanding.update(e.entry_id for e in entries)
+                self._dead_letter(entry_id, payload or b"", ref, str(exc) or type(exc).__name__)
         return entries
 
-    def _dead_letter(self, entry_id: bytes, fields: dict, reason: str) -> None:
+    def _dead_letter(self, entry_id: bytes, payload: bytes, ref: bytes | None, reason: str) -> None:
         log.error("segment %s is malformed (%s): moved to %s", entry_id, reason, self.keys.dead_letters)
         self._dead_letter_script(
-            keys=[self.keys.stream, self.keys.dead_letters, self.keys.dropped],
-            args=[self.group, entry_id, fields.get(SEGMENT_FIELD, b""), reason.encode()],
+            keys=[self.keys.stream, self.keys.dead_letters, self.keys.dropped, *([ref] if ref else [])],
+            args=[self.group, entry_id, payload, reason.encode()],
         )
 
     def acknowledge(self, consumed: Sequence[bytes], dropped: Sequence[bytes] = ()) -> None:
@@ -363,15 +480,17 @@ class SegmentConsumer:
         ids = [*consumed, *dropped]
         if not ids:
             return
+        refs = [ref for entry_id in ids if (ref := self._outstanding.get(entry_id))]
         retry(
             lambda: self._acknowledge_script(
-                keys=[self.keys.stream, self.keys.consumed, self.keys.dropped],
+                keys=[self.keys.stream, self.keys.consumed, self.keys.dropped, *refs],
                 args=[self.group, len(consumed), *ids],
             ),
             "XACK segments",
             self.should_stop,
         )
-        self._outstanding.difference_update(ids)
+        for entry_id in ids:
+            self._outstanding.pop(entry_id, None)
 
 
 def read_counter(client: redis.Redis, key: str, give_up_s: float = 30.0) -> int:

@@ -416,6 +416,7 @@ class SplatObserver:
         all in one call.
         """
         # Keys from host tensors: hashing device tensors would synchronize with the GPU once per view.
+        viewmats, Ks = viewmats.cpu(), Ks.cpu()  # (no-ops for the host tensors render_float passes)
         keys = [(v.numpy().tobytes(), k.numpy().tobytes()) for v, k in zip(viewmats, Ks, strict=True)]
         missing = sorted({i for i, key in enumerate(keys) if key not in self._static_cache}, key=lambda i: keys[i])
         missing_keys = list(dict.fromkeys(keys[i] for i in missing))

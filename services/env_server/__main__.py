@@ -41,7 +41,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
     args, config = parse_role_arguments(parser, argv, "env-server {index}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics is single-threaded per env
     es, task = config.env_server, config.task
-    batch = EnvBatch.for_task(task, es.num_envs, seed=config.run.seed * 1000 + args.index * es.num_envs)
+    # Pipelined stages split the envs into equal batches; `first_env` seeds each env as the unsplit batch would.
+    per_stage = es.num_envs // es.pipeline_stages
+    seed = config.run.seed * 1000 + args.index * es.num_envs
+    batches: list[EnvBatch] = []
+    try:
+        for k in range(es.pipeline_stages):
+            batches.append(EnvBatch.for_task(task, per_stage, seed=seed, first_env=k * per_stage))
+    except BaseException:
+        for made in batches:
+            made.close()
+        raise
+    batch = batches[0]  # stage 0's: its env 0 is the one the recorder films
+    if es.pipeline_stages > 1:
+        log.info("%s: %d envs in %d pipelined stages of %d", args.id, es.num_envs, es.pipeline_stages, per_stage)
     metrics = EnvServerMetrics()
     metrics_server = None
     if es.metrics_port:
@@ -62,7 +75,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
         else:
             log.warning("env_server.video_every_episodes is set but %s has no camera images; no videos", task.id)
     server = EnvServer(
-        batch,
+        batches,
         es.policy_addresses,
         args.id,
         task.id,
@@ -82,7 +95,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl env-server") -> in
     finally:
         if recorder is not None:
             recorder.close()
-        batch.close()
+        for made in batches:
+            made.close()
         if metrics_server:
             metrics_server.stop()
     return 0

@@ -62,7 +62,9 @@ class EnvBatch:
     the map is the identity; the controller itself then scales to +-0.1 m / rad per step.
 
     Every reset is seeded from a per-env RNG derived from ``seed``, so a batch made with the same arguments and
-    driven with the same actions reproduces the same episodes.
+    driven with the same actions reproduces the same episodes. ``first_env`` makes this batch envs
+    ``first_env .. first_env + num_envs - 1`` of a larger one with the same ``seed``: an env server split into
+    pipelined stages (one batch per stage) seeds each env exactly as the unsplit batch would.
 
     ``task_id`` must be a gsrl task (it receives ``success_mode``); frequencies go through ManiSkill's generic
     ``sim_config`` so they override the task's defaults without touching its solver settings.
@@ -86,11 +88,14 @@ class EnvBatch:
         control_freq: int = 20,
         success_mode: str = "strict",
         seed: int = 0,
+        first_env: int = 0,
         sim_backend: str = "physx_cpu",
         render: RenderConfig | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if first_env < 0:
+            raise ValueError(f"first_env must be >= 0, got {first_env}")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         splat_rendered = task_id.startswith(GS_TASK_PREFIX)
@@ -158,8 +163,10 @@ class EnvBatch:
             env.unwrapped.get_language_instruction()[0] if get_instruction is not None else "" for env in self._envs
         ]
 
-        # One independent stream per env: an env's reset seeds do not depend on how often the others reset.
-        self._reset_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_envs)]
+        # One independent stream per env: an env's reset seeds do not depend on how often the others reset. Child i
+        # of the seed's SeedSequence is env i's, whichever batch (stage) holds it.
+        children = np.random.SeedSequence(seed).spawn(first_env + num_envs)[first_env:]
+        self._reset_rngs = [np.random.default_rng(s) for s in children]
         self._last_obs: list[dict[str, np.ndarray]] | None = None
         self._episode_return = np.zeros(num_envs, dtype=np.float64)
         self._episode_length = np.zeros(num_envs, dtype=np.int32)
@@ -246,7 +253,7 @@ class EnvBatch:
         )
 
     @classmethod
-    def for_task(cls, task: TaskConfig, num_envs: int, seed: int) -> EnvBatch:
+    def for_task(cls, task: TaskConfig, num_envs: int, seed: int, first_env: int = 0) -> EnvBatch:
         """The run's task as configured (reward, time limit, frequencies): env servers and evaluation agree."""
         return cls(
             task.id,
@@ -259,6 +266,7 @@ class EnvBatch:
             control_freq=task.control_freq,
             success_mode=task.success_mode,
             seed=seed,
+            first_env=first_env,
             render=task.render,
         )
 

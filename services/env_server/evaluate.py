@@ -33,6 +33,7 @@ from gsrl.config import Config
 from gsrl.env_spec import wire_dtype_name
 from gsrl.policy import ObservationSpec, Policy, build_policy
 from services.env_server.core import EnvBatch
+from services.env_server.recorder import EpisodeRecorder
 from services.learner.checkpoint import load_model_weights
 
 log = logging.getLogger(__name__)
@@ -74,25 +75,33 @@ def evaluate_policy(
     num_episodes: int,
     deterministic: bool = True,
     log_every_s: float = 5.0,
+    recorder: EpisodeRecorder | None = None,
 ) -> EvalResult:
     """Run ``policy`` on ``batch`` (reset first) until ``num_episodes`` episodes have finished; see the module doc.
 
     The policy acts on observations as float tensors on its own device, one action chunk [B, C, A] per call, with
     the batch's language instructions. ``deterministic`` takes the mode of the action distribution. The policy runs
-    in eval mode and is put back in the mode it came in.
+    in eval mode and is put back in the mode it came in. ``recorder`` (image tasks) films env 0's episodes.
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     was_training = policy.training
     policy.eval()
     try:
-        return _run_episodes(policy, batch, num_episodes, deterministic, log_every_s)
+        return _run_episodes(policy, batch, num_episodes, deterministic, log_every_s, recorder)
     finally:
         policy.train(was_training)
+        if recorder is not None:
+            recorder.close()
 
 
 def _run_episodes(
-    policy: Policy, batch: EnvBatch, num_episodes: int, deterministic: bool, log_every_s: float
+    policy: Policy,
+    batch: EnvBatch,
+    num_episodes: int,
+    deterministic: bool,
+    log_every_s: float,
+    recorder: EpisodeRecorder | None = None,
 ) -> EvalResult:
     device = next(policy.parameters()).device
     quotas = _episode_quotas(num_episodes, batch.num_envs)
@@ -104,10 +113,14 @@ def _run_episodes(
 
     start = last_log = time.monotonic()
     observations = batch.reset()
+    if recorder is not None:
+        recorder.start(observations)
     while len(returns) < num_episodes:
         obs = {key: torch.as_tensor(value, device=device) for key, value in observations.items()}
         chunk = policy.act(obs, instructions=batch.instructions, deterministic=deterministic).action_chunk
         result = batch.step_chunk(chunk.float().cpu().numpy())
+        if recorder is not None:
+            recorder.record(result)
         env_steps += result.steps_executed
         for i in np.flatnonzero(result.ended):
             if finished[i] < quotas[i]:
@@ -143,6 +156,14 @@ def _run_episodes(
         episode_lengths=lengths,
         episode_success_once=success_once,
     )
+
+
+def eval_video_dir(weights_file: Path) -> Path:
+    """``runs/<run>/videos/eval/<checkpoint>``: next to the run's training videos when the checkpoint is in a run."""
+    checkpoint_dir = weights_file.parent
+    if checkpoint_dir.parent.name == "checkpoints":
+        return checkpoint_dir.parent.parent / "videos" / "eval" / checkpoint_dir.name
+    return checkpoint_dir / "videos" / "eval"
 
 
 def policy_observation_spec(batch: EnvBatch) -> ObservationSpec:
@@ -185,6 +206,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     parser.add_argument("--seed", type=int, default=None, help=f"layout seed (default run.seed + {EVAL_SEED_OFFSET})")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
     parser.add_argument("--json", metavar="OUT", default=None, help="write the results (and what was run) as JSON")
+    parser.add_argument(
+        "--videos",
+        type=int,
+        default=0,
+        metavar="N",
+        help="image tasks: film env 0's first N episodes to <run>/videos/eval/<checkpoint>/ (info drawn on)",
+    )
     args, config = parse_role_arguments(parser, argv, "eval")
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
@@ -212,7 +240,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             )
             return 2
         log.info("loaded %s; evaluating %d episodes on %d envs (seed %d)", weights_file, args.episodes, num_envs, seed)
-        result = evaluate_policy(policy, batch, args.episodes, deterministic=not args.stochastic)
+        recorder = None
+        image_keys = sorted(k for k in batch.observation_spec if k.startswith("rgb/"))
+        if args.videos and image_keys:
+            recorder = EpisodeRecorder(
+                eval_video_dir(weights_file),
+                1,
+                image_keys[0],
+                instruction=batch.instructions[0],
+                info_on_video=config.env_server.info_on_video,
+                fps=config.task.control_freq / config.policy.action_chunk,
+                max_videos=args.videos,
+            )
+        elif args.videos:
+            log.warning("--videos: %s has no camera images to film", config.task.id)
+        result = evaluate_policy(policy, batch, args.episodes, deterministic=not args.stochastic, recorder=recorder)
+        if recorder is not None:
+            print(f"videos: {', '.join(str(p) for p in recorder.videos)}")
 
     mode = "stochastic" if args.stochastic else "deterministic"
     print(

@@ -31,6 +31,7 @@ class EpisodeRecorder:
         instruction: str = "",
         info_on_video: bool = True,
         fps: float = 10.0,
+        max_videos: int | None = None,
     ) -> None:
         if every_episodes < 1:
             raise ValueError(f"every_episodes must be >= 1, got {every_episodes}")
@@ -40,6 +41,7 @@ class EpisodeRecorder:
         self.instruction = instruction
         self.info_on_video = info_on_video
         self.fps = fps
+        self.max_videos = max_videos
         self.episode = 0  # episodes of env 0 seen so far (recorded or not)
         self.videos: list[Path] = []
         self._writer: VideoWriter | None = None
@@ -74,6 +76,8 @@ class EpisodeRecorder:
 
     def _begin_episode(self, observations: dict[str, np.ndarray]) -> None:
         if self.episode % self.every_episodes != 0:
+            return
+        if self.max_videos is not None and len(self.videos) >= self.max_videos:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"episode_{self.episode:05d}.mp4"

@@ -1,10 +1,19 @@
-"""The env server's edge: one Rollout stream to a policy server, reconnecting when it breaks.
+"""The env server's edge: Rollout streams to a policy server, reconnecting when they break.
 
-The loop is strictly alternating: send a StepReport, receive the ActionBatch for it, execute the
-chunk in ``EnvBatch``, report again. On a broken stream the envs keep their state; the new stream
-starts with a report of the current observations, and the policy server flushes what it had.
-With several policy servers configured, each reconnect goes to the next one in turn. An ActionBatch
-that is malformed (wrong shape or dtype, NaN/Inf) is never stepped: the stream is dropped and reopened.
+Per stream the exchange is strictly alternating: send a StepReport, receive the ActionBatch for it, execute the
+chunk in an ``EnvBatch``, report again. With one stage (the default) physics and inference therefore take turns and
+neither overlaps the other. With ``pipeline_stages`` K > 1 the envs are split into K batches, each with its own
+Rollout stream (id ``<env server id>-s<k>``, so the policy server assembles each stage's segments as it does for
+any stream): while the policy server infers for one stage, this process steps another stage's actions. One thread
+steps every stage, in the order their actions arrive (ManiSkill's CPU physics holds the GIL, so stepping stages
+on several threads would not run faster; measured 0.95x with two threads); a small reader thread per stream only
+hands its ActionBatches over.
+
+On a broken stream the envs keep their state; all K streams are closed and reopened together (one env server,
+one policy server connection), each new stream starting with a report of its stage's current observations, and
+the policy server flushes what it had. With several policy servers configured, each reconnect goes to the next
+one in turn. An ActionBatch that is malformed (wrong shape or dtype, NaN/Inf) is never stepped: the streams are
+dropped and reopened.
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -89,12 +99,30 @@ class _Unavailable(grpc.RpcError):
         return self._details
 
 
+@dataclass
+class _Stage:
+    """One pipeline stage: a batch of envs and, while connected, its Rollout stream."""
+
+    index: int
+    batch: EnvBatch
+    stream_id: str
+    observations: dict[str, np.ndarray]
+    outgoing: queue.Queue = field(default_factory=queue.Queue)
+    call: grpc.Future | None = None
+    reader: threading.Thread | None = None
+    sent_at: float = 0.0
+
+
 class EnvServer:
-    """Drives one ``EnvBatch`` from a policy server over gRPC until ``stop`` is set."""
+    """Drives one ``EnvBatch`` per pipeline stage from a policy server over gRPC until ``stop`` is set.
+
+    ``batch`` is one ``EnvBatch`` (no pipelining) or a sequence of K batches, the stages; with K > 1 stage k's
+    stream announces itself as ``<env_server_id>-s<k>``. ``recorder`` records env 0 of the first stage.
+    """
 
     def __init__(
         self,
-        batch: EnvBatch,
+        batch: EnvBatch | Sequence[EnvBatch],
         address: str | list[str],
         env_server_id: str,
         task_id: str,
@@ -107,7 +135,9 @@ class EnvServer:
         max_message_bytes: int = 64 << 20,
         recorder: EpisodeRecorder | None = None,
     ) -> None:
-        self.batch = batch
+        batches = list(batch) if isinstance(batch, list | tuple) else [batch]
+        if not batches:
+            raise ValueError("an env server needs at least one env batch")
         self.recorder = recorder
         # Policy servers to try in turn; a "dns:///" entry lets gRPC balance over every address it resolves to.
         self.addresses = split_addresses(address) if isinstance(address, str) else list(address)
@@ -123,13 +153,24 @@ class EnvServer:
         self.max_backoff_s = max_backoff_s
         self.log_every_s = log_every_s
         self.stop_event = threading.Event()
-        self._active_call: grpc.Future | None = None
+        self._active_calls: list[grpc.Future] = []
+        self._calls_lock = threading.Lock()
         self.total_steps = 0
         self.episodes = 0
+        # Seconds the stepping thread spent waiting for actions (no stage had any): what pipelining shrinks.
+        self.idle_seconds = 0.0
         self.recent_success: deque[bool] = deque(maxlen=100)
-        self._observations = batch.reset()
+        self.stages = [
+            _Stage(k, b, env_server_id if len(batches) == 1 else f"{env_server_id}-s{k}", b.reset())
+            for k, b in enumerate(batches)
+        ]
         if recorder is not None:
-            recorder.start(self._observations)
+            recorder.start(self.stages[0].observations)
+
+    @property
+    def num_envs(self) -> int:
+        """Envs over all stages."""
+        return sum(stage.batch.num_envs for stage in self.stages)
 
     def run(self) -> None:
         """Serve until stopped, reopening the stream with exponential back-off after failures."""
@@ -176,10 +217,11 @@ class EnvServer:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     def stop(self) -> None:
-        """Stop serving; also cancels the open stream, which may be waiting on a back-pressured policy server."""
+        """Stop serving; also cancels the open streams, which may be waiting on a back-pressured policy server."""
         self.stop_event.set()
-        call = self._active_call
-        if call is not None:
+        with self._calls_lock:
+            calls = list(self._active_calls)
+        for call in calls:
             call.cancel()
 
     def _wait_ready(self, channel: grpc.Channel) -> bool:
@@ -204,8 +246,51 @@ class EnvServer:
         return False
 
     def _stream(self, channel: grpc.Channel) -> None:
+        """Open every stage's stream, then step whichever stage's actions arrive, until one stream ends or fails."""
         stub = rollout_pb2_grpc.PolicyServiceStub(channel)
-        outgoing: queue.Queue = queue.Queue()
+        # (stage index, ActionBatch response | exception | _CLOSE, arrival time); local to this connection, so
+        # nothing of a torn-down stream can reach the next one.
+        arrivals: queue.Queue[tuple[int, object, float]] = queue.Queue()
+        try:
+            for stage in self.stages:
+                self._open(stub, stage, arrivals)
+            if self.stop_event.is_set():  # stop() ran before the calls were registered
+                return
+            last_log, steps_at_log = time.monotonic(), self.total_steps
+            while not self.stop_event.is_set():
+                waiting = time.monotonic()
+                try:
+                    k, item, arrived = arrivals.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                finally:
+                    self.idle_seconds += time.monotonic() - waiting
+                if self.stop_event.is_set():
+                    return
+                if item is _CLOSE:
+                    return  # the policy server ended this stage's stream: reopen them all
+                if isinstance(item, BaseException):
+                    raise item
+                self._step(self.stages[k], item, arrived)
+                now = time.monotonic()
+                if now - last_log >= self.log_every_s:
+                    self._log_progress((self.total_steps - steps_at_log) / (now - last_log))
+                    last_log, steps_at_log = now, self.total_steps
+        finally:
+            with self._calls_lock:
+                self._active_calls = []
+            for stage in self.stages:
+                stage.outgoing.put(_CLOSE)
+                if stage.call is not None:
+                    stage.call.cancel()
+            for stage in self.stages:
+                if stage.reader is not None:
+                    stage.reader.join(timeout=5.0)
+                stage.call, stage.reader, stage.outgoing = None, None, queue.Queue()
+
+    def _open(self, stub: rollout_pb2_grpc.PolicyServiceStub, stage: _Stage, arrivals: queue.Queue) -> None:
+        """Start ``stage``'s Rollout stream (hello, then its current observations) and the thread that reads it."""
+        outgoing = stage.outgoing
 
         def requests() -> Iterator[rollout_pb2.RolloutRequest]:
             while True:
@@ -217,10 +302,10 @@ class EnvServer:
         outgoing.put(
             rollout_pb2.RolloutRequest(
                 hello=rollout_pb2.RolloutHello(
-                    env_server_id=self.env_server_id,
+                    env_server_id=stage.stream_id,
                     task=self.task_id,
-                    num_envs=self.batch.num_envs,
-                    action_dim=self.batch.action_dim,
+                    num_envs=stage.batch.num_envs,
+                    action_dim=stage.batch.action_dim,
                     action_chunk=self.action_chunk,
                 )
             )
@@ -228,54 +313,56 @@ class EnvServer:
         outgoing.put(
             rollout_pb2.RolloutRequest(
                 step=rollout_pb2.StepReport(
-                    step_id=0, observations=observation_batch(self._observations, self.batch.instructions)
+                    step_id=0, observations=observation_batch(stage.observations, stage.batch.instructions)
                 )
             )
         )
+        stage.sent_at = time.monotonic()
         responses = stub.Rollout(requests())
-        self._active_call = responses
-        sent_at = time.monotonic()
-        last_log, steps_at_log = time.monotonic(), self.total_steps
-        try:
-            for response in responses:
-                self.metrics.roundtrip_seconds.observe(time.monotonic() - sent_at)
-                if self.stop_event.is_set():
-                    break
-                actions = check_action_chunk(
-                    response.actions, self.batch.num_envs, self.action_chunk, self.batch.action_dim
-                )
-                self.metrics.policy_version.set(response.actions.policy_version)
-                chunk_started = time.monotonic()
-                result = self.batch.step_chunk(actions)
-                self.metrics.chunk_seconds.observe(time.monotonic() - chunk_started)
-                self._account(result)
-                if self.recorder is not None:
-                    self.recorder.record(result)
-                self._observations = result.observations
-                outgoing.put(
-                    rollout_pb2.RolloutRequest(
-                        step=step_report(response.actions.step_id, result, self.batch.instructions)
-                    )
-                )
-                sent_at = time.monotonic()
-                now = time.monotonic()
-                if now - last_log >= self.log_every_s:
-                    rate = (self.total_steps - steps_at_log) / (now - last_log)
-                    success = np.mean(self.recent_success) if self.recent_success else float("nan")
-                    log.info(
-                        "%s: %d steps (%.1f steps/s), %d episodes, success_once %.2f (last %d)",
-                        self.env_server_id,
-                        self.total_steps,
-                        rate,
-                        self.episodes,
-                        success,
-                        len(self.recent_success),
-                    )
-                    last_log, steps_at_log = now, self.total_steps
-        finally:
-            self._active_call = None
-            outgoing.put(_CLOSE)
-            responses.cancel()
+        stage.call = responses
+        with self._calls_lock:
+            self._active_calls.append(responses)
+
+        def read() -> None:
+            try:
+                for response in responses:
+                    arrivals.put((stage.index, response, time.monotonic()))
+                arrivals.put((stage.index, _CLOSE, time.monotonic()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the stepping thread, which raises it there
+                arrivals.put((stage.index, exc, time.monotonic()))
+
+        stage.reader = threading.Thread(target=read, name=f"rollout-reader-{stage.index}", daemon=True)
+        stage.reader.start()
+
+    def _step(self, stage: _Stage, response: rollout_pb2.RolloutResponse, arrived: float) -> None:
+        """Execute one ActionBatch on ``stage``'s envs and send the report of what happened."""
+        self.metrics.roundtrip_seconds.observe(arrived - stage.sent_at)
+        batch = stage.batch
+        actions = check_action_chunk(response.actions, batch.num_envs, self.action_chunk, batch.action_dim)
+        self.metrics.policy_version.set(response.actions.policy_version)
+        chunk_started = time.monotonic()
+        result = batch.step_chunk(actions)
+        self.metrics.chunk_seconds.observe(time.monotonic() - chunk_started)
+        self._account(result)
+        if self.recorder is not None and stage.index == 0:
+            self.recorder.record(result)
+        stage.observations = result.observations
+        stage.outgoing.put(
+            rollout_pb2.RolloutRequest(step=step_report(response.actions.step_id, result, batch.instructions))
+        )
+        stage.sent_at = time.monotonic()
+
+    def _log_progress(self, rate: float) -> None:
+        success = np.mean(self.recent_success) if self.recent_success else float("nan")
+        log.info(
+            "%s: %d steps (%.1f steps/s), %d episodes, success_once %.2f (last %d)",
+            self.env_server_id,
+            self.total_steps,
+            rate,
+            self.episodes,
+            success,
+            len(self.recent_success),
+        )
 
     def _account(self, result: ChunkResult) -> None:
         self.total_steps += int(result.steps_executed)

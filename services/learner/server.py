@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
-from gsrl.metrics import LearnerMetrics, MetricsServer, ScalarLog
+from gsrl.loggers import MultiLogger, build_loggers
+from gsrl.metrics import LearnerMetrics, MetricsServer
 from gsrl.policy import build_policy
 from gsrl.redis_conn import connect, is_transient, retry
 from gsrl.stream import SegmentConsumer, StreamEntry, StreamKeys, read_counter
@@ -97,7 +98,8 @@ class Learner:
             log.info("policy version continues from the published v%d (checkpoint: v%d)", published, self.version)
             self.version = published
         self.publisher: WeightPublisher | None = None
-        self.scalars = ScalarLog(self.run_dir / "tensorboard" if rank == 0 else None)
+        # Rank 0 alone writes scalars (TensorBoard, wandb, swanlab as run.loggers says); the others log nowhere.
+        self.scalars = build_loggers(config.run, self.run_dir, config.to_dict()) if rank == 0 else MultiLogger()
         if rank == 0:
             self.publisher = WeightPublisher(
                 self.client,
@@ -161,7 +163,7 @@ class Learner:
                     "rollout/segments_dropped": totals[5],
                     "rollout/policy_version": float(self.version),
                 }
-                self.scalars.log(scalars, self.updates)
+                self.scalars.log(self.updates, scalars)
                 self._write_progress(scalars, started)
             if cfg.learner.checkpoint_every and self.updates % cfg.learner.checkpoint_every == 0:
                 save_checkpoint(

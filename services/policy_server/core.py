@@ -105,6 +105,8 @@ class InferenceRequest:
     deterministic: bool = False
     # Extra rows that only need a value (pre-reset observations of truncated episodes).
     value_observations: dict[str, torch.Tensor] | None = None
+    # From a Rollout stream, which has at most one request in flight (an Act call has no such bound).
+    from_stream: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: InferenceResult | None = None
@@ -128,6 +130,8 @@ class InferenceBatcher:
         self.max_wait_s = max_wait_s
         self.metrics = metrics
         self._queue: queue.Queue[InferenceRequest] = queue.Queue()
+        self._open_streams = 0
+        self._streams_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
@@ -138,6 +142,15 @@ class InferenceBatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def stream_opened(self) -> None:
+        """A Rollout stream started: one more source of at most one request at a time."""
+        with self._streams_lock:
+            self._open_streams += 1
+
+    def stream_closed(self) -> None:
+        with self._streams_lock:
+            self._open_streams -= 1
 
     def submit(self, request: InferenceRequest, timeout_s: float | None = 60.0) -> InferenceResult:
         if self._stop.is_set():
@@ -151,13 +164,19 @@ class InferenceBatcher:
         return request.result
 
     def _collect(self) -> list[InferenceRequest]:
+        """The next batch: up to ``max_batch_size`` rows, waiting up to ``max_wait_s`` for more requests, but not
+        once every open Rollout stream has its request in the batch: each stream has at most one request in flight,
+        so none can come before this batch is answered, and waiting would only add latency (and idle env servers)."""
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
         batch, rows = [first], first.rows
+        from_streams = int(first.from_stream)
         deadline = first.enqueued + self.max_wait_s
         while rows < self.max_batch_size:
+            if from_streams >= self._open_streams > 0 and all(r.from_stream for r in batch):
+                break
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -165,6 +184,7 @@ class InferenceBatcher:
                 break
             batch.append(item)
             rows += item.rows
+            from_streams += int(item.from_stream)
         return batch
 
     def _run(self) -> None:

@@ -93,6 +93,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
             self._invalid(context, "Rollout", problem)
         assembler = SegmentAssembler(hello.env_server_id or "env", hello.num_envs, self.segment_length)
         self.metrics.streams.inc()
+        self.batcher.stream_opened()
         log.info("env server %s connected (%d envs)", hello.env_server_id, hello.num_envs)
         try:
             for request in request_iterator:
@@ -105,8 +106,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                 self.metrics.requests.labels("Rollout").inc()
                 with self._env_steps_lock:
                     self.env_steps += request.step.env_steps
-                for segment in assembler.record(outcome):
-                    self._append(segment)
+                self._append_all(assembler.record(outcome))
                 if outcome.rewards is not None:
                     self.metrics.transitions.inc(hello.num_envs)
                 yield rollout_pb2.RolloutResponse(
@@ -118,6 +118,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                 )
         finally:
             self.metrics.streams.dec()
+            self.batcher.stream_closed()
             leftovers = assembler.flush()
             for segment in leftovers:
                 try:
@@ -138,11 +139,15 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
         return None
 
     def _append(self, segment) -> None:
-        if self.producer is None:
+        self._append_all([segment])
+
+    def _append_all(self, segments: list) -> None:
+        """Store the segments one report completed in one round trip (all envs of a stream complete together)."""
+        if self.producer is None or not segments:
             return
         waited = self.producer.backpressure_s
-        self.producer.append(segment)
-        self.metrics.segments.inc()
+        self.producer.append_many(segments)
+        self.metrics.segments.inc(len(segments))
         self.metrics.backpressure_seconds.inc(self.producer.backpressure_s - waited)
 
     def _decode_step(self, step: rollout_pb2.StepReport, num_envs: int) -> StepOutcome:
@@ -180,7 +185,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                         raise InvalidObservation(f"'{name}' has shape {list(t.shape)}, expected [{num_envs}]")
                 outcome.episodes = {i: EpisodeSummary(float(ret[i]), int(length[i]), bool(success[i])) for i in ended}
         outcome.result = self.batcher.submit(
-            InferenceRequest(observations, instructions, value_observations=value_observations)
+            InferenceRequest(observations, instructions, value_observations=value_observations, from_stream=True)
         )
         return outcome
 

@@ -129,3 +129,30 @@ def test_checkpoint_of_another_policy_config_is_refused(tmp_path: Path, capsys: 
     assert main(["--checkpoint", str(file), "--episodes", "1", "--num-envs", "1", *OVERRIDES]) == 2
     err = capsys.readouterr().err
     assert str(file) in err and "does not fit policy" in err and "hidden_sizes=(16,)" in err
+
+
+def test_eval_films_gsenv_episodes_into_the_run_directory(tmp_path: Path) -> None:
+    """``gsrl eval --videos`` on a splat task writes episode videos to <run>/videos/eval/<checkpoint>/."""
+    overrides = [
+        "task.id=GSEnv-PutCubeOnPlate-v0",
+        "task.obs_mode=rgb",
+        "task.render.width=48",
+        "task.render.height=48",
+        f"task.render.cache_dir={tmp_path / 'cache'}",
+        "task.max_episode_steps=3",
+        "policy.hidden_sizes=[16]",
+    ]
+    config = load_config(None, overrides)
+    with EnvBatch.for_task(config.task, 1, seed=0) as envs:
+        policy = build_eval_policy(config, envs)
+    checkpoint = tmp_path / "run" / "checkpoints" / "update_000001"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, checkpoint / "model.safetensors")
+    args = ["--checkpoint", str(checkpoint), "--episodes", "2", "--num-envs", "1", "--videos", "1", *overrides]
+    assert main(args) == 0
+    videos = sorted((tmp_path / "run" / "videos" / "eval" / "update_000001").glob("*.mp4"))
+    assert [v.name for v in videos] == ["episode_00000.mp4"]
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(videos[0]) as reader:
+        assert sum(1 for _ in reader) == 4  # the first observation and one frame per step of a 3-step episode

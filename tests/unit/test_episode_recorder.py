@@ -67,3 +67,12 @@ def test_info_on_video_draws_only_when_asked(tmp_path: Path) -> None:
     difference = np.abs(plain_first.astype(int) - drawn_first.astype(int)).sum(axis=-1)
     assert difference[:16].max() > 50, "the text at the top must show"
     assert difference[-4:].max() < 30, "the bottom rows carry no text"
+
+
+def test_max_videos_stops_recording(tmp_path: Path) -> None:
+    recorder = EpisodeRecorder(tmp_path, every_episodes=1, image_key=KEY, max_videos=1)
+    recorder.start(frames(10))
+    for result in [chunk(20, True, 1), chunk(30, True, 1), chunk(40, True, 1)]:
+        recorder.record(result)
+    recorder.close()
+    assert [p.name for p in recorder.videos] == ["episode_00000.mp4"]

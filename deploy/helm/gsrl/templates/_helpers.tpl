@@ -65,9 +65,14 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Topology --------------------------------------------------------------------------------------------- */}}
 
-{{/* What env servers dial: the headless Service, resolved by gRPC's DNS resolver to one address per ready pod. */}}
+{{/* What env servers dial: under `separate` the headless Service, resolved by gRPC's DNS resolver to one address per
+ready pod; where env and policy servers share a pod (shared, hybrid), the policy server next to them. */}}
 {{- define "gsrl.policyAddress" -}}
+{{- if eq (include "gsrl.preset" .) "separate" }}
 {{- printf "dns:///%s:%d" (include "gsrl.serviceFQDN" (dict "ctx" . "service" "policy-server-headless")) (int .Values.policyServer.port) }}
+{{- else }}
+{{- printf "localhost:%d" (int .Values.policyServer.port) }}
+{{- end }}
 {{- end }}
 
 {{- define "gsrl.learner.nproc" -}}
@@ -78,8 +83,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- mul (int .Values.learner.replicas) (int (include "gsrl.learner.nproc" .)) }}
 {{- end }}
 
+{{/* Learner rank 0's pod: pod 0 of the StatefulSet that runs the learners (learner, or worker under `shared`). */}}
 {{- define "gsrl.learner.masterAddr" -}}
-{{- printf "%s-learner-0.%s" (include "gsrl.fullname" .) (include "gsrl.serviceFQDN" (dict "ctx" . "service" "learner-headless")) }}
+{{- printf "%s-%s-0.%s" (include "gsrl.fullname" .) (include "gsrl.hostOf" (dict "ctx" . "role" "learner")) (include "gsrl.serviceFQDN" (dict "ctx" . "service" "learner-headless")) }}
 {{- end }}
 
 {{/* Redis ------------------------------------------------------------------------------------------------ */}}
@@ -128,10 +134,11 @@ the password never appears in the pod spec. */}}
 
 {{/* Pods ------------------------------------------------------------------------------------------------- */}}
 
-{{/* Requests and limits with the role's GPUs added to both: (dict "ctx" $ "role" .Values.learner). */}}
+{{/* Requests and limits with the role's GPUs added to both: (dict "ctx" $ "role" .Values.learner), or with "gpus" N
+to request N instead (a co-located pod requests its GPUs on one container). */}}
 {{- define "gsrl.resources" -}}
 {{- $res := deepCopy (default (dict) .role.resources) }}
-{{- $gpus := int .role.gpus }}
+{{- $gpus := int (ternary .gpus .role.gpus (hasKey . "gpus")) }}
 {{- if gt $gpus 0 }}
 {{- $requests := default (dict) (get $res "requests") }}
 {{- $limits := default (dict) (get $res "limits") }}
@@ -202,10 +209,21 @@ annotations:
       fieldPath: status.podIP
 - name: HOME
   value: /home/gsrl
-{{- if eq (int .role.gpus) 0 }}
+{{- $gpu := default (dict "visible" (ternary "void" "" (eq (int .role.gpus) 0))) .gpu }}
+{{- if eq $gpu.visible "void" }}
 # CUDA images set NVIDIA_VISIBLE_DEVICES=all: a CPU pod on a GPU node would otherwise see every GPU there.
 - name: NVIDIA_VISIBLE_DEVICES
   value: void
+{{- else if eq $gpu.visible "all" }}
+# Another container of this pod requests the GPUs; the NVIDIA runtime shows them here too
+# (co-located pods own whole nodes: docs/placement.md).
+- name: NVIDIA_VISIBLE_DEVICES
+  value: all
+{{- end }}
+{{- with $gpu.cuda }}
+# Co-located roles start on different GPUs of the pod: this container's own GPU first (its cuda:0).
+- name: CUDA_VISIBLE_DEVICES
+  value: {{ . | quote }}
 {{- end }}
 {{- end }}
 

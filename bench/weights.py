@@ -1,0 +1,218 @@
+"""Row 5: seconds to deliver a new weight version to every policy server, against one plain broadcast.
+
+gsrl: ``WeightPublisher.publish(state_dict, version)`` from this process (learner rank 0) to N
+``WeightSubscriber`` processes (``bench._weights_peer``), timed from the call until the last subscriber's
+``on_weights`` holds the tensors. The state dict is float32, laid out like a model (a square matrix and three
+vectors per layer), published the way the learner does it (default 64 MiB buckets, a Redis snapshot on every
+publish). Baseline: one ``broadcast`` of one flat uint8 tensor of the same byte count, from this process to the same
+N processes, in a process group of the same size built the same way (gloo on CPU; NCCL in ``--full`` when there is
+a GPU for the publisher and one per subscriber), timed until the last receiver holds it. The two alternate and the
+medians are reported. A second figure is ``publish()``'s own wall time, which the learner waits out every update:
+the broadcast plus the Redis snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import redis
+import torch
+import torch.distributed as dist
+
+from bench.common import Row, Sizes
+from gsrl.redis_server import LocalRedis
+from gsrl.weight_group import _broadcast, _new_process_group
+from gsrl.weights import WeightPublisher
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE = "weight broadcast"
+TIMEOUT_S = 300.0  # group construction waits for peers that are still importing torch on a busy box
+
+
+def make_state(mib: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """About ``mib`` MiB of float32 weights: per layer a square matrix (4 MiB from 16 MiB on) and three vectors."""
+    hidden = 1024 if mib >= 16 else 256
+    layers = max(1, (mib << 20) // (hidden * hidden * 4))
+    state: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        state[f"layers.{i}.weight"] = torch.full((hidden, hidden), float(i), device=device)
+        for name in ("bias", "norm.weight", "norm.bias"):
+            state[f"layers.{i}.{name}"] = torch.full((hidden,), float(i), device=device)
+    return state
+
+
+def state_nbytes(mib: int) -> int:
+    return sum(t.numel() * t.element_size() for t in make_state(mib, "meta").values())
+
+
+def ack_key(prefix: str, kind: str) -> str:
+    return f"{prefix}:bench:acks:{kind}"
+
+
+def ready_key(prefix: str) -> str:
+    return f"{prefix}:bench:ready"
+
+
+def stop_key(prefix: str, peer_id: str) -> str:
+    return f"{prefix}:bench:stop:{peer_id}"
+
+
+def _devices(sizes: Sizes) -> tuple[str, list[str], str]:
+    """Backend, devices (publisher first) and why: NCCL needs one GPU per rank, so a 1-GPU host falls back to gloo."""
+    subscribers = sizes.weight_subscribers
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sizes.name == "full" and gpus >= 2:
+        subscribers = min(subscribers, gpus - 1)
+        return "nccl", [f"cuda:{i}" for i in range(subscribers + 1)], f"NCCL, {subscribers + 1} GPUs"
+    why = "gloo on CPU" + (f" ({gpus} GPU: NCCL needs one per rank)" if sizes.name == "full" and gpus else "")
+    return "gloo", ["cpu"] * (subscribers + 1), why
+
+
+class _Peers:
+    """The subscriber processes, their acknowledgements in Redis, and their logs for error messages."""
+
+    def __init__(self, client: redis.Redis, prefix: str, procs: list[subprocess.Popen], logs: Path) -> None:
+        self.client, self.prefix, self.procs, self.logs = client, prefix, procs, logs
+
+    def wait(self, kind: str, timeout_s: float = TIMEOUT_S) -> list[dict]:
+        """One acknowledgement (or ready id) from every peer; raises with a peer's log if one died."""
+        key = ready_key(self.prefix) if kind == "ready" else ack_key(self.prefix, kind)
+        got: list[dict] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(self.procs):
+            item = self.client.blpop([key], timeout=1)
+            if item is not None:
+                got.append(json.loads(item[1]) if kind != "ready" else {"id": item[1].decode()})
+                continue
+            dead = [i for i, p in enumerate(self.procs) if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                index = dead[0] if dead else 0
+                tail = (self.logs / f"{index}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"weights peer {index} {'died' if dead else 'is silent'} waiting for {kind}:\n{tail}"
+                )
+        return got
+
+    def stop(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None:
+                self.client.rpush(stop_key(self.prefix, f"peer{i}"), 1)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # still blocked in a broadcast that will never come: this bench failed midway
+                proc.wait()
+
+
+def run(sizes: Sizes) -> list[Row]:
+    backend, devices, why = _devices(sizes)
+    if backend == "nccl":
+        # A timed-out NCCL collective must raise, not tear the process down (as the learner's entry point sets it).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    with (
+        tempfile.TemporaryDirectory(prefix="gsrl-bench-weights-") as tmp,
+        LocalRedis(Path(tmp) / "redis") as server,
+    ):
+        client = redis.Redis(port=server.port)
+        try:
+            return _run(client, server.port, Path(tmp), sizes, backend, devices, why)
+        finally:
+            client.close()
+
+
+def _run(
+    client: redis.Redis, redis_port: int, tmp: Path, sizes: Sizes, backend: str, devices: list[str], why: str
+) -> list[Row]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    n = len(devices) - 1
+    rounds = 1 + sizes.repeats  # warm-up + timed, for the baseline group the peers join
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=TIMEOUT_S))
+    publisher = WeightPublisher(
+        client,
+        key_prefix=prefix,
+        bind_host="127.0.0.1",
+        advertise_host="127.0.0.1",
+        backend=backend,
+        device=devices[0],
+        timeout_s=TIMEOUT_S,
+        subscriber_ttl_s=30.0,
+        gloo_hostname="127.0.0.1",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    for rank in range(1, n + 1):
+        args = [sys.executable, "-m", "bench._weights_peer", "--redis-port", str(redis_port), "--prefix", prefix]
+        args += ["--id", f"peer{rank - 1}", "--rank", str(rank), "--world", str(n + 1), "--store-port", str(store.port)]
+        args += ["--backend", backend, "--device", devices[rank], "--mib", str(sizes.weights_mib)]
+        args += ["--rounds", str(rounds), "--timeout-s", str(TIMEOUT_S)]
+        with open(tmp / f"{rank - 1}.log", "w") as log:
+            procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    peers = _Peers(client, prefix, procs, tmp)
+    pg = None
+    try:
+        # Every peer alive and registered first (a peer that dies while importing is reported here), since the
+        # rendezvous below blocks in C++ until all ranks join or TIMEOUT_S passes.
+        peers.wait("ready")
+        pg = _new_process_group(backend, dist.PrefixStore("baseline/", store), 0, n + 1, TIMEOUT_S, "127.0.0.1")
+        state = make_state(sizes.weights_mib, devices[0])
+        flat = torch.ones(state_nbytes(sizes.weights_mib), dtype=torch.uint8, device=devices[0])
+
+        def publish(version: int) -> tuple[float, float]:
+            start = time.time()
+            stats = publisher.publish(state, version)
+            blocked = time.time() - start
+            if stats.error or stats.num_subscribers != n:
+                raise RuntimeError(f"publish v{version} reached {stats.num_subscribers}/{n}: {stats.error}")
+            acks = peers.wait("gsrl")
+            if any(a["version"] != version for a in acks):
+                raise RuntimeError(f"publish v{version}: subscribers acknowledged {[a['version'] for a in acks]}")
+            return max(a["t"] for a in acks) - start, blocked
+
+        def broadcast() -> float:
+            start = time.time()
+            _broadcast(pg, flat, TIMEOUT_S)
+            return max(a["t"] for a in peers.wait("baseline")) - start
+
+        publish(1), broadcast()  # warm-up: the first publish forms the group; first use of both pays setup
+        delivered, blocked, baseline = [], [], []
+        for version in range(2, 2 + sizes.repeats):
+            d, b = publish(version)
+            delivered.append(d)
+            blocked.append(b)
+            baseline.append(broadcast())
+    finally:
+        peers.stop()
+        publisher.close()
+        if pg is not None:
+            pg.shutdown()
+    mib, base = sizes.weights_mib, statistics.median(baseline)
+    what = f"{mib} MiB float32 to {n} policy servers"
+    return [
+        Row(
+            STAGE,
+            f"deliver {what}, {why} (vs one broadcast of a flat tensor)",
+            statistics.median(delivered),
+            base,
+            "s",
+            goal="<= 1.2",
+            note="until the last subscriber's on_weights holds the tensors",
+        ),
+        Row(
+            STAGE,
+            f"publish() wall time, {what}, incl. the Redis snapshot (vs the same broadcast)",
+            statistics.median(blocked),
+            base,
+            "s",
+            note="what the learner waits out every update (snapshot_every=1, the learner's setting)",
+        ),
+    ]
