@@ -274,25 +274,52 @@ class EnvServerConfig:
 class PolicyConfig:
     """Which policy the policy servers run and the learners train."""
 
-    # gaussian_mlp (state observations); the VLA comes in its own issue.
+    # gaussian_mlp (state, or camera images through a NatureCNN) | vla (pi0.5-style flow-matching VLA)
     kind: str = "gaussian_mlp"
     hidden_sizes: tuple[int, ...] = (256, 256)
     action_chunk: int = 1
     init_log_std: float = -0.5
     obs_norm: bool = True
+    # vla only: size preset (tiny: CPU tests | small: one GPU | pi05: the published shapes), how the flow is made
+    # stochastic for PPO (flow_sde | flow_noise), denoising steps, the SDE noise level, an optional local
+    # checkpoint (model.safetensors or a directory, gsrl or LeRobot names), and whether only the action expert
+    # (and heads) train
+    vla_preset: str = "tiny"
+    noise_method: str = "flow_sde"
+    num_denoise_steps: int = 4
+    noise_level: float = 0.5
+    checkpoint: str = ""
+    train_expert_only: bool = False
 
     def validate(self, key: str) -> None:
         _require(self.kind in POLICY_KINDS, f"{key}.kind", f"must be one of {POLICY_KINDS}")
         _require(len(self.hidden_sizes) >= 1, f"{key}.hidden_sizes", "needs at least one layer")
         _require(all(h >= 1 for h in self.hidden_sizes), f"{key}.hidden_sizes", "sizes must be >= 1")
         _require(self.action_chunk >= 1, f"{key}.action_chunk", "must be >= 1")
+        _require(self.vla_preset in ("tiny", "small", "pi05"), f"{key}.vla_preset", "must be tiny, small or pi05")
+        _require(
+            self.noise_method in ("flow_sde", "flow_noise"), f"{key}.noise_method", "must be flow_sde or flow_noise"
+        )
+        _require(self.num_denoise_steps >= 1, f"{key}.num_denoise_steps", "must be >= 1")
+        _require(self.noise_level > 0, f"{key}.noise_level", "must be > 0")
 
     def kwargs(self) -> dict[str, Any]:
         """Constructor arguments for ``gsrl.policy.build_policy`` beyond kind/spec/dims."""
+        if self.kind == "vla":
+            options: dict[str, Any] = {
+                "preset": self.vla_preset,
+                "noise_method": self.noise_method,
+                "num_denoise_steps": self.num_denoise_steps,
+                "noise_level": self.noise_level,
+                "train_expert_only": self.train_expert_only,
+            }
+            if self.checkpoint:
+                options["checkpoint"] = self.checkpoint
+            return options
         return {"hidden_sizes": self.hidden_sizes, "init_log_std": self.init_log_std, "obs_norm": self.obs_norm}
 
 
-POLICY_KINDS = ("gaussian_mlp",)
+POLICY_KINDS = ("gaussian_mlp", "vla")
 
 
 @dataclass(frozen=True)

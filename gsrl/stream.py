@@ -65,6 +65,7 @@ def segment_to_proto(segment: Segment) -> trajectory_pb2.TrajectorySegment:
         instructions=segment.instructions,
         created_unix=segment.created_unix or time.time(),
         observations=codec.encode_map(segment.observations),
+        extras=codec.encode_map(segment.extras),
         episodes=[
             trajectory_pb2.EpisodeSummary(
                 episode_return=ep.episode_return, episode_length=ep.episode_length, success_once=ep.success_once
@@ -79,6 +80,7 @@ def segment_from_proto(msg: trajectory_pb2.TrajectorySegment) -> Segment:
     """Decode and check that every per-step tensor has the same length T."""
     try:
         observations = codec.decode_map_torch(msg.observations, "observations/")
+        extras = codec.decode_map_torch(msg.extras, "extras/")
         steps = {name: codec.to_torch(getattr(msg, name), name) for name in _STEP_FIELDS}
     except codec.TensorDecodeError as exc:
         raise SegmentDecodeError(str(exc)) from exc
@@ -86,7 +88,12 @@ def segment_from_proto(msg: trajectory_pb2.TrajectorySegment) -> Segment:
     length = int(rewards.shape[0]) if rewards.dim() else 0
     if length == 0:
         raise SegmentDecodeError("segment has no transitions")
-    for name, tensor in (*steps.items(), *((f"observations/{k}", v) for k, v in observations.items())):
+    per_step = (
+        *steps.items(),
+        *((f"observations/{k}", v) for k, v in observations.items()),
+        *((f"extras/{k}", v) for k, v in extras.items()),
+    )
+    for name, tensor in per_step:
         if tensor.dim() == 0 or tensor.shape[0] != length:
             raise SegmentDecodeError(f"'{name}' has shape {list(tensor.shape)}, expected leading dim {length}")
     if steps["action_chunks"].dim() != 3:
@@ -96,6 +103,7 @@ def segment_from_proto(msg: trajectory_pb2.TrajectorySegment) -> Segment:
         **steps,
         instructions=list(msg.instructions),
         episodes=[EpisodeSummary(e.episode_return, e.episode_length, e.success_once) for e in msg.episodes],
+        extras=extras,
         segment_id=msg.segment_id,
         env_key=msg.env_key,
         created_unix=msg.created_unix,

@@ -41,6 +41,8 @@ class Segment:
     policy_versions: torch.Tensor  # [T] int64
     instructions: list[str] = field(default_factory=list)
     episodes: list[EpisodeSummary] = field(default_factory=list)
+    # name -> [T, ...]: the policy's ``PolicyOutput.extras`` per step (a flow policy's denoising chain).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     segment_id: str = ""
     env_key: str = ""
     created_unix: float = 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -90,6 +90,7 @@ class RolloutBatch:
     returns: Tensor  # [N] advantages + old_values
     rewards: Tensor  # [N] chunk-level rewards, for metrics
     instructions: list[str] | None = None  # [N] or None when the segments carry none
+    extras: dict[str, Tensor] = field(default_factory=dict)  # name -> [N, ...], the policy's rollout extras
 
     @property
     def size(self) -> int:
@@ -118,6 +119,13 @@ def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutB
         )
         advantages.append(adv)
         returns.append(ret)
+    extra_keys = set(segments[0].extras)
+    for seg in segments[1:]:
+        if set(seg.extras) != extra_keys:
+            raise ValueError(
+                f"segment {seg.segment_id!r} carries extras {sorted(seg.extras)}, others {sorted(extra_keys)}: "
+                "segments of one update must come from the same kind of policy"
+            )
     per_segment = [_segment_instructions(seg) for seg in segments]
     instructions = None
     if any(ins is not None for ins in per_segment):
@@ -133,6 +141,7 @@ def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutB
         returns=torch.cat(returns),
         rewards=torch.cat([seg.rewards for seg in segments]).float(),
         instructions=instructions,
+        extras={key: torch.cat([seg.extras[key] for seg in segments]) for key in sorted(extra_keys)},
     )
 
 
@@ -219,8 +228,10 @@ class PPOLearnerCore:
         algo = self.algo
         observations = {key: value[idx].to(device, non_blocking=True) for key, value in batch.observations.items()}
         instructions = [batch.instructions[i] for i in idx.tolist()] if batch.instructions is not None else None
+        # A flow policy recomputes its log-probs from the sampled denoising chain the rollout recorded.
+        extras = {key: value[idx].to(device) for key, value in batch.extras.items()} or None
         logprobs, entropy, values = self.policy.evaluate_actions(
-            observations, batch.action_chunks[idx].to(device), instructions=instructions
+            observations, batch.action_chunks[idx].to(device), instructions=instructions, extras=extras
         )
         policy_loss, pg_metrics = ppo_policy_loss(
             logprobs, batch.old_logprobs[idx].to(device), advantages[idx].to(device), algo.clip_ratio

@@ -96,6 +96,7 @@ class InferenceResult:
     values: torch.Tensor  # [B]
     extra_values: torch.Tensor | None  # [B'] values of `value_observations`
     policy_version: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, ...] (PolicyOutput.extras)
 
 
 @dataclass
@@ -103,8 +104,10 @@ class InferenceRequest:
     observations: dict[str, torch.Tensor]
     instructions: list[str]
     deterministic: bool = False
-    # Extra rows that only need a value (pre-reset observations of truncated episodes).
+    # Extra rows that only need a value (pre-reset observations of truncated episodes), with their instructions
+    # (a language-conditioned value depends on the prompt).
     value_observations: dict[str, torch.Tensor] | None = None
+    value_instructions: list[str] | None = None
     # From a Rollout stream, which has at most one request in flight (an Act call has no such bound).
     from_stream: bool = False
     enqueued: float = field(default_factory=time.monotonic)
@@ -115,6 +118,10 @@ class InferenceRequest:
     @property
     def rows(self) -> int:
         return int(next(iter(self.observations.values())).shape[0])
+
+
+def _rows_of(tensors: dict[str, torch.Tensor]) -> int:
+    return int(next(iter(tensors.values())).shape[0])
 
 
 def _concat(maps: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -210,8 +217,16 @@ class InferenceBatcher:
             instructions = [s for r in group for s in (r.instructions or [""] * r.rows)]
             with torch.no_grad():
                 out = self.host.policy.act(observations, instructions, deterministic=deterministic)
-                value_maps = [r.value_observations for r in group if r.value_observations]
-                extra = self.host.policy.value(_concat(value_maps, device)).cpu() if value_maps else None
+                value_requests = [r for r in group if r.value_observations]
+                extra = None
+                if value_requests:
+                    value_instructions = [
+                        s
+                        for r in value_requests
+                        for s in (r.value_instructions or [""] * _rows_of(r.value_observations))
+                    ]
+                    value_observations = _concat([r.value_observations for r in value_requests], device)
+                    extra = self.host.policy.value(value_observations, value_instructions).cpu()
         except Exception as exc:  # a model failure must reach every waiting stream, not kill the thread
             log.exception("inference failed")
             for request in group:
@@ -223,6 +238,7 @@ class InferenceBatcher:
             self.metrics.batch_size.observe(sum(r.rows for r in group))
             self.metrics.inference_seconds.observe(elapsed)
         actions, logprobs, values = out.action_chunk.cpu(), out.logprobs.cpu(), out.values.cpu()
+        out_extras = {k: v.cpu() for k, v in getattr(out, "extras", {}).items()}
         row = extra_row = 0
         for request in group:
             n = request.rows
@@ -233,6 +249,7 @@ class InferenceBatcher:
                 values=values[row : row + n].float(),
                 extra_values=extra[extra_row : extra_row + n_extra].float() if n_extra else None,
                 policy_version=self.host.version,
+                extras={k: v[row : row + n] for k, v in out_extras.items()},
             )
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(started - request.enqueued)
@@ -263,6 +280,7 @@ class _Pending:
     logprob: float
     value: float
     policy_version: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -321,6 +339,7 @@ class SegmentAssembler:
                 logprob=float(result.logprobs[env]),
                 value=float(result.values[env]),
                 policy_version=result.policy_version,
+                extras={k: v[env] for k, v in result.extras.items()},
             )
         return ready
 
@@ -359,6 +378,7 @@ class SegmentAssembler:
             policy_versions=torch.tensor([p.policy_version for p in pendings], dtype=torch.int64),
             instructions=[p.instruction for p in pendings],
             episodes=episodes,
+            extras={k: torch.stack([p.extras[k] for p in pendings]) for k in pendings[0].extras},
             segment_id=uuid.uuid4().hex,
             env_key=f"{self.env_key_prefix}/{env}",
             created_unix=time.time(),

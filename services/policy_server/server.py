@@ -158,6 +158,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
             raise InvalidObservation(f"{len(instructions)} instructions for {num_envs} envs")
         outcome = StepOutcome(observations=observations, instructions=instructions, result=None)  # type: ignore[arg-type]
         value_observations = None
+        value_instructions = None
         if step.HasField("rewards"):
             outcome.rewards = _rows(codec.to_torch(step.rewards, "rewards"), "rewards", num_envs, torch.float32)
             if not bool(torch.isfinite(outcome.rewards).all()):
@@ -172,6 +173,7 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                 validate_observations(final, self.spec.observation_spec, num_envs)
                 idx = truncated.nonzero().flatten()
                 value_observations = {k: v[idx] for k, v in final.items()}
+                value_instructions = [instructions[i] for i in idx.tolist()] if instructions else None
                 rows = torch.full((num_envs,), -1, dtype=torch.long)
                 rows[idx] = torch.arange(len(idx))
                 outcome.final_value_rows = rows
@@ -185,7 +187,13 @@ class PolicyServicer(rollout_pb2_grpc.PolicyServiceServicer):
                         raise InvalidObservation(f"'{name}' has shape {list(t.shape)}, expected [{num_envs}]")
                 outcome.episodes = {i: EpisodeSummary(float(ret[i]), int(length[i]), bool(success[i])) for i in ended}
         outcome.result = self.batcher.submit(
-            InferenceRequest(observations, instructions, value_observations=value_observations, from_stream=True)
+            InferenceRequest(
+                observations,
+                instructions,
+                value_observations=value_observations,
+                value_instructions=value_instructions,
+                from_stream=True,
+            )
         )
         return outcome
 
