@@ -280,10 +280,11 @@ class PolicyConfig:
     action_chunk: int = 1
     init_log_std: float = -0.5
     obs_norm: bool = True
+    # A local checkpoint to start from (model.safetensors or its directory; for the VLA also LeRobot names),
+    # loaded by policy servers and learners; a learner's own resume checkpoint takes precedence.
     # vla only: size preset (tiny: CPU tests | small: one GPU | pi05: the published shapes), how the flow is made
-    # stochastic for PPO (flow_sde | flow_noise), denoising steps, the SDE noise level, an optional local
-    # checkpoint (model.safetensors or a directory, gsrl or LeRobot names), and whether only the action expert
-    # (and heads) train
+    # stochastic for PPO (flow_sde | flow_noise), denoising steps, the SDE noise level, and whether only the
+    # action expert (and heads) train
     vla_preset: str = "tiny"
     noise_method: str = "flow_sde"
     num_denoise_steps: int = 4

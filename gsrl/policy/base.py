@@ -104,3 +104,24 @@ def build_policy(
         module_name, _, attr = factory.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
     return factory(observation_spec, action_dim=action_dim, action_chunk=action_chunk, **kwargs)
+
+
+def load_weights_file(policy: Policy, path: str) -> None:
+    """Load ``model.safetensors`` (a file, or a checkpoint directory holding one) into ``policy``, strictly.
+
+    How a policy server or a learner starts from a trained checkpoint (``policy.checkpoint``) instead of its
+    random initialisation; FileNotFoundError / RuntimeError name the path and the mismatching keys.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"policy checkpoint not found: {file}")
+    try:
+        policy.load_state_dict(load_file(str(file)))
+    except RuntimeError as exc:
+        raise RuntimeError(f"{file} does not fit this policy: {exc}") from exc

@@ -22,7 +22,7 @@ from gsrl import codec
 from gsrl.config import Config, TLSConfig
 from gsrl.env_spec import EnvSpec, probe_env_spec
 from gsrl.metrics import MetricsServer, PolicyServerMetrics
-from gsrl.policy import build_policy
+from gsrl.policy import build_policy, load_weights_file
 from gsrl.redis_conn import connect, is_transient
 from gsrl.stream import SegmentProducer, StreamKeys
 from gsrl.tls import add_port, message_options
@@ -250,6 +250,8 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
     policy = build_policy(
         config.policy.kind, spec.observation_spec, spec.action_dim, config.policy.action_chunk, **config.policy.kwargs()
     )
+    if config.policy.checkpoint and config.policy.kind != "vla":  # the VLA loads its own (gsrl or LeRobot names)
+        load_weights_file(policy, config.policy.checkpoint)
     host = PolicyHost(policy, version=0, device=ps.device)
     metrics = PolicyServerMetrics()
     client = connect(redis_url, config.redis.password)

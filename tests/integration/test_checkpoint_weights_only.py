@@ -19,6 +19,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, torch, deepspeed
     from pathlib import Path
+    import pytest
+    import torch
     from safetensors.torch import save_file
     from gsrl.config import AlgoConfig
     from gsrl.policy import build_policy
@@ -80,3 +82,26 @@ def test_weights_only_checkpoint_survives_the_first_zero_step(tmp_path: Path) ->
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_policy_checkpoint_starts_a_policy_from_saved_weights(tmp_path: Path) -> None:
+    """``policy.checkpoint``: a policy server or learner starts from a model.safetensors instead of a random init."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from gsrl.policy import build_policy, load_weights_file
+
+    spec = {"state": ((5,), "float32")}
+    trained = build_policy("gaussian_mlp", spec, 2, 1, hidden_sizes=(8,))
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
+    fresh = build_policy("gaussian_mlp", spec, 2, 1, hidden_sizes=(8,))
+    load_weights_file(fresh, str(tmp_path / "ckpt"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+    other = build_policy("gaussian_mlp", spec, 2, 1, hidden_sizes=(16,))
+    with pytest.raises(RuntimeError, match="does not fit this policy"):
+        load_weights_file(other, str(tmp_path / "ckpt"))
+    with pytest.raises(FileNotFoundError, match="policy checkpoint not found"):
+        load_weights_file(fresh, str(tmp_path / "missing"))
