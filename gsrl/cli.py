@@ -4,6 +4,7 @@ gsrl train [-c run.yaml] [section.key=value ...]     everything as local process
 gsrl env-server | policy-server | learner [...]      one role (what a pod runs)
 gsrl eval | render [-c run.yaml] [...]                evaluate a checkpoint; record splat-rendered videos
 gsrl splat table | render | fit | align [...]         the Real2Sim tools (fit and align splat scenes)
+gsrl collect | sft [-c run.yaml] [...]                expert demonstrations (LeRobot dataset); SFT of the VLA
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
 gsrl check [-c run.yaml] [overrides] [--steps N]      build env + policy, run steps end to end, ping services
 """
@@ -114,6 +115,8 @@ COMMANDS = {
     ),
     "splat": ("gsrl.splat.cli", "Real2Sim tools: render posed views, fit a splat scene, align a scan to the sim."),
     "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
+    "collect": ("gsrl.collect", "Record scripted-expert demonstrations as a LeRobot dataset (SFT data)."),
+    "sft": ("services.learner.sft", "Supervised fine-tuning of the VLA on demonstrations (flow matching, DeepSpeed)."),
     "check": ("gsrl.check", "Check env, policy, checkpoint and services fit: a few steps end to end, PASS/FAIL."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }

@@ -1,0 +1,263 @@
+"""``gsrl sft``: supervised fine-tuning of the run's VLA on demonstrations (the stage before PPO).
+
+pi_RL starts PPO from an SFT'd pi0.5: flow-matching on a few dozen successful demonstrations gives a policy that
+succeeds sometimes, which sparse-reward RL needs to get going. This trains the configured VLA
+(``policy.kind=vla``) on a LeRobot dataset (``gsrl collect``) with the flow-matching loss, through the same
+DeepSpeed engine the learner uses (ZeRO stage ``learner.zero_stage``; gloo on CPU, bf16 on CUDA), and writes
+checkpoints in the VLA's own layout (``model.safetensors`` + ``vla_config.json`` + ``tokenizer.json``) that
+``gsrl eval --checkpoint`` and the learner (``policy.checkpoint``) load.
+
+    gsrl sft -c gs_ppo policy.kind=vla --data data/put-cube-demos --out runs/sft [--steps 2000] [--batch-size 32]
+
+Output: ``<out>/model.safetensors`` ... (final), ``<out>/checkpoints/step_<N>/`` (periodic),
+``<out>/tensorboard/`` (``sft/loss``, ``sft/lr``, ``sft/grad_norm``), ``<out>/sft_log.jsonl`` (one line per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gsrl.data.lerobot import ACTION_FEATURE, STATE_FEATURE, ActionChunkDataset, LeRobotDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Optimizer settings (the fields ``DeepSpeedEngine`` reads) and the schedule."""
+
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    steps: int = 1000
+
+
+def learning_rate(step: int, settings: SFTSettings) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``lr`` at the last step (openpi's SFT schedule shape)."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    span = max(settings.steps - settings.warmup_steps, 1)
+    progress = min((step - settings.warmup_steps) / span, 1.0)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
+    """Give the VLA's state normalizer the demonstrations' q01/q99 (min/max if absent), as pi0.5 normalizes.
+
+    Only when the policy reads exactly the dataset's ``state`` (so the dimensions line up); returns whether it did.
+    """
+    norm = getattr(policy, "state_norm", None)
+    if norm is None or list(getattr(policy, "state_keys", [])) != ["state"]:
+        return False
+    stats = dataset.stats()[STATE_FEATURE]
+    low = torch.as_tensor(stats.get("q01", stats["min"]), dtype=torch.float32)
+    high = torch.as_tensor(stats.get("q99", stats["max"]), dtype=torch.float32)
+    if low.shape != norm.low.shape:
+        return False
+    # A dimension that never moved in the demos (q01 == q99) would map to +-1 at the slightest change: widen it.
+    flat = (high - low) < 1e-3
+    low, high = torch.where(flat, low - 0.5, low), torch.where(flat, high + 0.5, high)
+    norm.set_bounds(low, high)
+    return True
+
+
+def _batches(dataset: ActionChunkDataset, batch_size: int, seed: int) -> Iterator[Any]:
+    """Shuffled batches forever (a new permutation each epoch), so the step count, not epochs, ends training."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        yield from loader
+
+
+def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Path:
+    """The VLA's own checkpoint layout; weights gathered under ZeRO-3 and stored as float32 whatever the training
+    precision, so every loader (eval, learner, policy server) reads the same thing."""
+    import contextlib
+
+    from safetensors.torch import load_file, save_file
+
+    gather: Any = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
+    with gather:
+        policy.save_checkpoint(directory)
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors.values()):
+        save_file({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}, str(weights))
+    return directory
+
+
+def train(
+    policy: Any,
+    engine: Any,
+    dataset: ActionChunkDataset,
+    settings: SFTSettings,
+    batch_size: int,
+    out: Path,
+    zero_stage: int,
+    checkpoint_every: int = 0,
+    seed: int = 0,
+) -> list[float]:
+    """Run ``settings.steps`` flow-matching steps; log, checkpoint, and return the per-step losses."""
+    from gsrl.loggers import TensorBoardLogger
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # log lines with rate and ETA instead
+        tqdm = None
+    out.mkdir(parents=True, exist_ok=True)
+    tensorboard = TensorBoardLogger(out / "tensorboard")
+    batches = _batches(dataset, batch_size, seed)
+    losses: list[float] = []
+    bar = tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) if tqdm is not None else None
+    started = last_log = time.perf_counter()
+    try:
+        with open(out / "sft_log.jsonl", "a") as step_log:
+            for step in range(settings.steps):
+                lr = learning_rate(step, settings)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                observations, action_chunks, instructions = next(batches)
+                loss = policy.flow_matching_loss(observations, action_chunks, list(instructions))
+                engine.backward(loss)
+                grad_norm = engine.step()
+                value = float(loss.detach())
+                losses.append(value)
+                scalars = {"sft/loss": value, "sft/lr": lr, "sft/grad_norm": grad_norm}
+                tensorboard.log(step + 1, scalars)
+                step_log.write(json.dumps({"step": step + 1, **scalars}) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                now = time.perf_counter()
+                if bar is None and (now - last_log > 10.0 or step + 1 == settings.steps):
+                    last_log = now
+                    rate = (step + 1) / (now - started)
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e grad_norm %.3f, %.2f steps/s, ETA %.0f s",
+                        step + 1,
+                        settings.steps,
+                        value,
+                        lr,
+                        grad_norm,
+                        rate,
+                        (settings.steps - step - 1) / rate,
+                    )
+                if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
+                    save_policy_checkpoint(policy, out / "checkpoints" / f"step_{step + 1:06d}", zero_stage)
+    finally:
+        if bar is not None:
+            bar.close()
+        tensorboard.close()
+    save_policy_checkpoint(policy, out, zero_stage)
+    return losses
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
+    from gsrl.cli import add_config_arguments, parse_role_arguments
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune the run's VLA on a LeRobot dataset with the flow-matching loss (DeepSpeed)."
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="DIR", help="LeRobot dataset (gsrl collect --out)")
+    parser.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint and log directory")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 5%% of --steps)")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="periodic checkpoints (0 = final only)")
+    parser.add_argument("--seed", type=int, default=None, help="shuffling and init seed (default run.seed)")
+    args, config = parse_role_arguments(parser, argv, "sft")
+    if config.policy.kind != "vla":
+        parser.error(f"gsrl sft trains the VLA: set policy.kind=vla (config has {config.policy.kind!r})")
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1")
+    seed = config.run.seed if args.seed is None else args.seed
+
+    # One rank unless launched under torchrun/deepspeed (which set these); the entry point owns the environment.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(config.learner.master_port))
+    use_cuda = config.learner.device == "cuda" or (config.learner.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = config.learner.backend if config.learner.backend != "auto" else ("nccl" if use_cuda else "gloo")
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from gsrl.env_spec import probe_env_spec
+    from gsrl.policy import build_policy
+    from services.learner.engine import DeepSpeedEngine
+
+    data = LeRobotDataset(args.data)
+    spec = probe_env_spec(config.task)
+    shapes = data.observation_shapes()
+    mismatched = {k: (s, shapes.get(k)) for k, (s, _dtype) in spec.observation_spec.items() if shapes.get(k) != s}
+    if mismatched:
+        parser.error(f"dataset {args.data} does not match the task's observations (task, dataset): {mismatched}")
+    action_shape = tuple(data.info["features"][ACTION_FEATURE]["shape"])
+    if action_shape != (spec.action_dim,):
+        parser.error(f"dataset actions are {action_shape}, the task's {spec.action_dim}")
+
+    torch.manual_seed(seed)
+    deepspeed.init_distributed(dist_backend=backend)
+    try:
+        policy = build_policy(
+            "vla", spec.observation_spec, spec.action_dim, config.policy.action_chunk, **config.policy.kwargs()
+        )
+        if set_state_bounds_from_stats(policy, data):
+            log.info("state normalizer bounds set from the dataset's q01/q99")
+        horizon = int(policy.config.action_horizon)
+        chunks = ActionChunkDataset(data, horizon)
+        warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
+        settings = SFTSettings(
+            lr=args.lr, max_grad_norm=config.algo.max_grad_norm, warmup_steps=warmup, steps=args.steps
+        )
+        engine = DeepSpeedEngine(policy, settings, zero_stage=config.learner.zero_stage, bf16=use_cuda)
+        policy = engine.module
+        policy.train()
+        log.info(
+            "SFT on %d episodes / %d frames, horizon %d, %d steps of %d",
+            data.num_episodes,
+            data.num_frames,
+            horizon,
+            args.steps,
+            args.batch_size,
+        )
+        out = Path(args.out)
+        losses = train(
+            policy,
+            engine,
+            chunks,
+            settings,
+            args.batch_size,
+            out,
+            config.learner.zero_stage,
+            checkpoint_every=args.checkpoint_every,
+            seed=seed,
+        )
+    finally:
+        dist.destroy_process_group()
+    tail = losses[-min(len(losses), 20) :]
+    print(f"sft: {len(losses)} steps, final loss {sum(tail) / len(tail):.4f} (mean of last {len(tail)}); wrote {out}")
+    return 0
