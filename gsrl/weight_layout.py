@@ -7,21 +7,37 @@ the bucket sizes travel. Keeping that agreement here lets it be unit tested with
 
 Tensors are grouped by dtype into flat buffers of at most ``bucket_bytes`` (one tensor larger than that gets its
 own) and sent as bytes, so every dtype in ``WIRE_DTYPES`` works on gloo and NCCL alike.
+
+``BucketBuffers``/``BufferPool`` keep those flat buffers between versions: a fresh 64 MiB buffer costs about as much
+in page faults (CPU) or allocator work as the transfer itself, so both ends allocate once per plan and reuse a set
+only once nobody holds a tensor of it any more (the storage's use count says so), which makes reuse invisible to a
+consumer that keeps the tensors it was given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Wire codes for dtypes: the position in this tuple. Append only; never reorder.
 WIRE_DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
 )  # fmt: skip
+
+
+# One broadcast carries at most this much of a bucket (see ``piece_ranges``): small enough that the publisher's copy of
+# the first piece (about 1 ms per 16 MiB on a CPU) barely delays the transfer, large enough that the per-collective
+# latency stays small against the bytes.
+WIRE_PIECE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,19 @@ def plan_buckets(layout: Sequence[TensorSpec], bucket_bytes: int) -> tuple[Bucke
     return tuple(buckets)
 
 
+def piece_ranges(numel: int, itemsize: int, piece_bytes: int) -> list[tuple[int, int]]:
+    """Element ranges ``[start, stop)`` in which one bucket travels: one broadcast each, at most ``piece_bytes``.
+
+    Pieces let the publisher copy the next part of a bucket while the previous one is on the wire, so only the first
+    piece's copy adds to the delivery time. ``piece_bytes <= 0``: the whole bucket at once. An empty bucket still
+    travels as one empty piece, so both ends count the same broadcasts.
+    """
+    if piece_bytes <= 0 or numel == 0:
+        return [(0, numel)]
+    step = max(1, piece_bytes // itemsize)
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
 def bucket_descriptor(buckets: Sequence[Bucket]) -> torch.Tensor:
     """``[num_buckets, 2]`` int64 of (wire dtype code, numel): enough to receive without knowing the layout."""
     rows = [[WIRE_DTYPES.index(b.dtype), b.numel] for b in buckets]
@@ -121,7 +150,8 @@ def flatten_bucket(bucket: Bucket, state_dict: Mapping[str, torch.Tensor], devic
     flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
     offset = 0
     for spec in bucket.specs:
-        flat[offset : offset + spec.numel].copy_(state_dict[spec.name].detach().reshape(-1))
+        if spec.numel:
+            _copy_into(flat[offset : offset + spec.numel], state_dict[spec.name].detach(), spec.shape)
         offset += spec.numel
     return flat
 
@@ -139,3 +169,113 @@ def unflatten_bucket(bucket: Bucket, flat: torch.Tensor) -> dict[str, torch.Tens
 def as_bytes(flat: torch.Tensor) -> torch.Tensor:
     """Gloo rejects some dtypes (int16, float8); every backend carries uint8, and a 1-D contiguous view is free."""
     return flat.view(torch.uint8)
+
+
+def _storage_use_count(tensor: torch.Tensor) -> int | None:
+    """How many tensors (and storage handles) share ``tensor``'s storage; None where this torch cannot say.
+
+    A private torch function, hence the guard: without it a buffer set always counts as busy, which is correct (a
+    fresh set per version, the behaviour before pooling) and only slower.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    return int(use_count(tensor.untyped_storage()._cdata))
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Copy ``src`` into the flat slice ``dst``: one plain memcpy for a contiguous CPU tensor of the same dtype.
+
+    ``Tensor.copy_`` splits a large CPU copy over torch's intra-op threads; on a host whose cores are busy (the
+    learner's, or this 2-core box with other jobs) one of those threads waits for a time slice and a 60 MiB copy took
+    120 ms instead of 3. A memcpy is bandwidth-bound on one core anyway, so contiguous CPU sources go through numpy
+    (which releases the GIL for it); anything else (other device, strides, dtype) through ``copy_``.
+    """
+    if src.device.type == "cpu" and dst.device.type == "cpu" and src.dtype == dst.dtype and src.is_contiguous():
+        np.copyto(dst.view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
+    else:
+        dst.view(shape).copy_(src)
+
+
+class BucketBuffers:
+    """One flat buffer per bucket of a plan on one device, allocated once and touched (zeroed) at allocation.
+
+    Zeroing up front moves the page faults of a fresh CPU buffer out of the transfer: the first version pays them,
+    every later one writes into memory that is already mapped. ``flats`` are owned by this object; whoever gets
+    ``tensors()`` or ``views()`` holds views, and while any view is alive the set reports ``busy``.
+    """
+
+    def __init__(self, buckets: Sequence[Bucket], device: torch.device) -> None:
+        self.buckets = tuple(buckets)
+        self.device = torch.device(device)
+        self.flats = tuple(torch.zeros(b.numel, dtype=b.dtype, device=self.device) for b in self.buckets)
+        # Per bucket, where each spec starts in its buffer (plus the end): filling stops at piece boundaries.
+        self.offsets = tuple(
+            tuple(itertools.accumulate((spec.numel for spec in b.specs), initial=0)) for b in self.buckets
+        )
+        self._idle_counts = tuple(_storage_use_count(flat) for flat in self.flats)
+
+    @property
+    def busy(self) -> bool:
+        """True while anyone else holds a view of any buffer (or when torch cannot tell)."""
+        for flat, idle in zip(self.flats, self._idle_counts, strict=True):
+            count = _storage_use_count(flat)
+            if count is None or idle is None or count != idle:
+                return True
+        return False
+
+    def fill(
+        self, index: int, state_dict: Mapping[str, torch.Tensor], first: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Copy specs ``first:stop`` of bucket ``index`` from ``state_dict`` (any device, any strides) into its buffer.
+
+        Returns the buffer. The whole bucket by default; the publisher fills it spec by spec ahead of each piece.
+        """
+        bucket, flat, offsets = self.buckets[index], self.flats[index], self.offsets[index]
+        for position in range(first, len(bucket.specs) if stop is None else stop):
+            spec, offset = bucket.specs[position], offsets[position]
+            if spec.numel:
+                _copy_into(flat[offset : offset + spec.numel], state_dict[spec.name].detach(), spec.shape)
+        return flat
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the plan as a view of its buffer (keeps the set busy while held)."""
+        out: dict[str, torch.Tensor] = {}
+        for bucket, flat in zip(self.buckets, self.flats, strict=True):
+            out.update(unflatten_bucket(bucket, flat))
+        return out
+
+    def views(self) -> list[tuple[Bucket, torch.Tensor]]:
+        """Each bucket with a view of its whole buffer (keeps the set busy while held): for the snapshot writer."""
+        return [(bucket, flat.view(-1)) for bucket, flat in zip(self.buckets, self.flats, strict=True)]
+
+
+class BufferPool:
+    """Up to ``max_sets`` ``BucketBuffers`` for the current plan; a new plan (layout or bucket size) drops them all.
+
+    ``acquire`` hands out a set that nobody else holds a view of; when all are held it makes a new one (kept if the
+    pool has room, else used once), so a consumer that keeps old tensors never sees them overwritten.
+    """
+
+    def __init__(self, max_sets: int) -> None:
+        if max_sets < 1:
+            raise ValueError(f"max_sets must be >= 1, got {max_sets}")
+        self.max_sets = max_sets
+        self._key: tuple[tuple[Bucket, ...], torch.device] | None = None
+        self._sets: list[BucketBuffers] = []
+        self.allocations = 0  # sets ever allocated: what the reuse saves shows here (tests, debugging)
+
+    def acquire(self, buckets: Sequence[Bucket], device: torch.device) -> BucketBuffers:
+        key = (tuple(buckets), torch.device(device))
+        if key != self._key:
+            self._key, self._sets = key, []
+        for buffers in self._sets:
+            if not buffers.busy:
+                return buffers
+        buffers = BucketBuffers(key[0], key[1])
+        self.allocations += 1
+        if len(self._sets) < self.max_sets:
+            self._sets.append(buffers)
+        else:
+            logger.debug("weight buffers: all %d sets held; using a one-off set", self.max_sets)
+        return buffers

@@ -19,6 +19,7 @@ policy server costs one failed publish instead of the learner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -37,6 +38,7 @@ from gsrl.weight_group import (
     HEADER_LEN,
     HEADER_MAGIC,
     _broadcast,
+    _broadcast_start,
     _Group,
     _Keys,
     _new_process_group,
@@ -46,17 +48,28 @@ from gsrl.weight_group import (
 )
 from gsrl.weight_layout import (
     WIRE_DTYPES,
+    WIRE_PIECE_BYTES,
     Bucket,
+    BucketBuffers,
+    BufferPool,
+    TensorSpec,
     as_bytes,
     bucket_descriptor,
-    flatten_bucket,
     layout_diff,
     layout_hash,
+    piece_ranges,
     plan_buckets,
     tensor_layout,
-    unflatten_bucket,
 )
-from gsrl.weight_snapshot import read_snapshot, write_snapshot, write_version
+from gsrl.weight_snapshot import (
+    SnapshotResult,
+    SnapshotWriter,
+    encode_snapshot,
+    read_snapshot,
+    snapshot_nbytes,
+    write_snapshot_pieces,
+    write_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +79,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PublishStats:
-    """``bytes`` is the payload of one broadcast (not times subscribers); ``error`` says why a broadcast was skipped."""
+    """``bytes`` is the payload of one broadcast (not times subscribers); ``error`` says why a broadcast was skipped.
+
+    ``snapshot_bytes`` is the size of the snapshot this publish wrote or, in the background, queued (0: none due);
+    a background snapshot's failure shows in the ``error`` of the next publish.
+    """
 
     version: int
     num_subscribers: int
@@ -87,6 +104,15 @@ class WeightPublisher:
     ``device`` is where the learner's weights live: NCCL sends from it (it must be cuda), gloo through CPU buffers.
     ``subscriber_ttl_s`` must be a few of the subscribers' ``heartbeat_s``. ``snapshot_every=k`` writes the Redis
     snapshot on publishes 1, k+1, 2k+1, ... (0: never), since for a large model it costs a full CPU copy.
+
+    The bucket buffers persist between publishes (on the wire device: the GPU for NCCL), so a publish copies the
+    weights into memory that is already mapped, and a bucket that is one contiguous tensor on the wire device goes
+    out without a copy. ``snapshot_background`` (the default) writes the snapshot on a thread of its own from a
+    buffer set that this publish filled and that no later publish touches until the write is done: the learner waits
+    for the broadcast only, a late joiner still finds a consistent snapshot, at most the one before the newest
+    publish (the latest queued snapshot wins; ``flush_snapshot`` waits for it). Up to three buffer sets may exist at
+    once (broadcasting, being written, queued). Buckets travel in pieces of ``piece_bytes`` (the header says so), so
+    the copy of one piece overlaps the transfer of the one before.
     """
 
     def __init__(
@@ -104,6 +130,8 @@ class WeightPublisher:
         subscriber_ttl_s: float = 10.0,
         snapshot_every: int = 1,
         gloo_hostname: str | None = None,
+        snapshot_background: bool = True,
+        piece_bytes: int = WIRE_PIECE_BYTES,
     ) -> None:
         self._redis = redis_client
         self._key_prefix = key_prefix
@@ -112,6 +140,7 @@ class WeightPublisher:
         self._backend = backend
         self._wire = _wire_device(backend, torch.device(device))
         self._bucket_bytes = int(bucket_bytes)
+        self._piece_bytes = int(piece_bytes)  # 0: each bucket in one broadcast
         self._timeout_s = float(timeout_s)
         self._ttl_s = float(subscriber_ttl_s)
         self._snapshot_every = int(snapshot_every)  # 0 = never
@@ -121,6 +150,11 @@ class WeightPublisher:
         self._last_version: int | None = None
         self._publishes = 0
         self._closed = False
+        self._layout: tuple[TensorSpec, ...] | None = None  # the last published layout, its hash and bucket plan
+        self._digest = 0
+        self._buckets: tuple[Bucket, ...] = ()
+        self._pool = BufferPool(max_sets=3)  # broadcasting, being snapshotted, queued for a snapshot
+        self._snapshots = SnapshotWriter(redis_client, key_prefix) if snapshot_background else None
         # Our own listening socket, so bind_host is honoured (TCPStore alone binds every interface).
         listener = socket.create_server((bind_host, port), backlog=1024)
         self.port = int(listener.getsockname()[1])
@@ -166,7 +200,15 @@ class WeightPublisher:
             raise ValueError(f"version {version} is not newer than the last published {self._last_version}")
         start = time.perf_counter()
         layout = tensor_layout(state_dict)
-        buckets = plan_buckets(layout, self._bucket_bytes)
+        if layout != self._layout:  # a new layout: new plan, and the pool drops the old buffers at acquire
+            self._layout, self._digest = layout, layout_hash(layout)
+            self._buckets = plan_buckets(layout, self._bucket_bytes)
+        buckets = self._buckets
+        self._publishes += 1
+        snapshot_due = bool(self._snapshot_every) and (self._publishes - 1) % self._snapshot_every == 0
+        # The snapshot reads the buffers after this returns (or right below), so then every bucket is copied.
+        buffers = self._pool.acquire(buckets, self._wire) if snapshot_due else None
+        filled = [False] * len(buckets)
         error: str | None = None
         rebuilt = False
         sent_to, payload = 0, 0
@@ -180,7 +222,7 @@ class WeightPublisher:
                     if self._group is None:
                         error = f"could not form a broadcast group with {live}"
             if self._group is not None:
-                payload = self._send(self._group, state_dict, version, layout_hash(layout), buckets)
+                payload = self._send(self._group, state_dict, version, buckets, buffers, filled)
                 sent_to = len(self._group.members)
         except Exception as exc:  # noqa: BLE001 - gloo/NCCL/Redis raise errors of all kinds; training goes on
             error = f"broadcast failed: {exc}"
@@ -189,15 +231,15 @@ class WeightPublisher:
                 self._group.broken = True
                 self._drop_group()
         snapshot_bytes = 0
-        self._publishes += 1
         try:
-            if self._snapshot_every and (self._publishes - 1) % self._snapshot_every == 0:
-                snapshot_bytes = write_snapshot(self._redis, self._key_prefix, state_dict, version)
-            else:
-                write_version(self._redis, self._key_prefix, version)
+            write_version(self._redis, self._key_prefix, version)
+            if buffers is not None:
+                snapshot_bytes = self._snapshot(state_dict, version, buffers, filled)
         except redis.RedisError as exc:
             error = error or f"snapshot failed: {exc}"
             logger.warning("weights v%d: snapshot to Redis failed: %s", version, exc)
+        if self._snapshots is not None:
+            error = error or self._snapshots.take_error()
         self._last_version = version
         return PublishStats(
             version=version,
@@ -210,10 +252,27 @@ class WeightPublisher:
             error=error,
         )
 
+    @property
+    def last_snapshot(self) -> SnapshotResult | None:
+        """The background snapshot finished last (its version, bytes, seconds and error); None before any."""
+        return self._snapshots.last if self._snapshots is not None else None
+
+    def flush_snapshot(self, timeout_s: float | None = None) -> bool:
+        """Wait until the queued background snapshot (if any) is in Redis; False if ``timeout_s`` passed first."""
+        return self._snapshots.flush(timeout_s) if self._snapshots is not None else True
+
     def close(self) -> None:
-        """Leave the group and tell subscribers (via ``announce``) that it is gone; the store closes with us."""
+        """Leave the group and tell subscribers (via ``announce``) that it is gone; the store closes with us.
+
+        The last queued snapshot is written first (up to ``timeout_s``), so a learner that stops leaves its newest
+        weights for the policy servers that start next.
+        """
         if self._closed:
             return
+        if self._snapshots is not None and not self._snapshots.close(self._timeout_s):
+            logger.warning(
+                "weight publisher close: the last snapshot was still being written after %.0fs", self._timeout_s
+            )
         self._drop_group()
         try:
             with self._redis.pipeline(transaction=True) as pipe:
@@ -265,6 +324,7 @@ class WeightPublisher:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.group, json.dumps(info))
             pipe.set(self._keys.announce, f"{generation}:0")
+            pipe.publish(self._keys.wake, generation)
             pipe.execute()
         store = dist.PrefixStore(self._keys.store_prefix.format(generation=generation), self._store)
         pending = set(range(1, len(members) + 1))
@@ -286,22 +346,96 @@ class WeightPublisher:
         group: _Group,
         state_dict: Mapping[str, torch.Tensor],
         version: int,
-        digest: int,
         buckets: Sequence[Bucket],
+        buffers: BucketBuffers | None,
+        filled: list[bool],
     ) -> int:
+        """Announce, then header, descriptor and the buckets in pieces of at most ``piece_bytes``.
+
+        The tensors behind piece ``k + 1`` are copied while piece ``k`` travels, and those of the first piece while the
+        subscribers wake up to the announcement, so the copies hide behind transfers that the baseline pays as well.
+        """
         sequence = group.sent + 1
-        self._redis.set(self._keys.announce, f"{group.generation}:{sequence}")
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._keys.announce, f"{group.generation}:{sequence}")
+            pipe.publish(self._keys.wake, sequence)
+            pipe.execute()
         group.sent = sequence  # only once announced: subscribers count the same messages we do
-        header = [HEADER_MAGIC, group.generation, sequence, version, len(buckets), digest, 0, self._bucket_bytes]
+        copy_all = buffers is not None  # a snapshot reads these buffers later, so no bucket may skip them
+        sources: dict[int, tuple[torch.Tensor, int]] = {}  # bucket -> (flat source, specs filled so far)
+
+        def ready(index: int, upto: int) -> torch.Tensor:
+            """Bucket ``index``'s flat source with (at least) its first ``upto`` elements in place."""
+            nonlocal buffers
+            if index not in sources:
+                direct = None if copy_all else self._as_sent(buckets[index], state_dict)
+                if direct is not None:
+                    sources[index] = (direct, len(buckets[index].specs))
+                    return direct
+                buffers = buffers or self._pool.acquire(buckets, self._wire)
+                sources[index] = (buffers.flats[index], 0)
+            flat, done = sources[index]
+            specs = len(buckets[index].specs)
+            if done < specs:
+                assert buffers is not None
+                offsets = buffers.offsets[index]
+                stop = done
+                while stop < specs and (offsets[stop] < upto or offsets[stop] == offsets[-1]):  # or empty at the end
+                    stop += 1
+                buffers.fill(index, state_dict, done, stop)
+                sources[index] = (flat, stop)
+                filled[index] = stop == specs
+            return flat
+
+        pieces = [
+            (index, start, stop)
+            for index, bucket in enumerate(buckets)
+            for start, stop in piece_ranges(bucket.numel, bucket.dtype.itemsize, self._piece_bytes)
+        ]
+        if pieces:
+            ready(pieces[0][0], pieces[0][2])
+        header = [
+            HEADER_MAGIC, group.generation, sequence, version, len(buckets), self._digest, self._piece_bytes,
+            self._bucket_bytes,
+        ]  # fmt: skip
         _broadcast(group.pg, torch.tensor(header, dtype=torch.int64, device=self._wire), self._timeout_s)
         if buckets:
             _broadcast(group.pg, bucket_descriptor(buckets).to(self._wire), self._timeout_s)
-        payload = 0
-        for bucket in buckets:
-            flat = flatten_bucket(bucket, state_dict, self._wire)
-            _broadcast(group.pg, as_bytes(flat), self._timeout_s)
-            payload += bucket.nbytes
-        return payload
+        for k, (index, start, stop) in enumerate(pieces):
+            flat = ready(index, stop)
+            work = _broadcast_start(group.pg, as_bytes(flat[start:stop]), self._timeout_s)
+            try:
+                if k + 1 < len(pieces):
+                    ready(pieces[k + 1][0], pieces[k + 1][2])
+            finally:
+                work.wait(_timedelta(self._timeout_s))  # never leave a posted send behind, even if a fill failed
+        return sum(bucket.nbytes for bucket in buckets)
+
+    def _as_sent(self, bucket: Bucket, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The tensor itself, flat, when a bucket is one contiguous tensor already on the wire device; else None."""
+        if len(bucket.specs) != 1:
+            return None
+        tensor = state_dict[bucket.specs[0].name].detach()
+        if tensor.device != self._wire or tensor.dtype != bucket.dtype or not tensor.is_contiguous():
+            return None
+        return tensor.reshape(-1)
+
+    def _snapshot(
+        self, state_dict: Mapping[str, torch.Tensor], version: int, buffers: BucketBuffers, filled: list[bool]
+    ) -> int:
+        """Snapshot this version from ``buffers`` (filling what the broadcast did not): queued, or written now."""
+        for index, done in enumerate(filled):
+            if not done:
+                buffers.fill(index, state_dict)
+        views = buffers.views()
+        nbytes = snapshot_nbytes(buffers.buckets, version)
+        if buffers.device.type == "cuda":  # the writer's thread reads on its own stream: the copies must be done
+            torch.cuda.current_stream(buffers.device).synchronize()
+        if self._snapshots is not None:
+            self._snapshots.submit(version, views)
+            return nbytes
+        cpu = [(bucket, flat.to("cpu")) for bucket, flat in views]
+        return write_snapshot_pieces(self._redis, self._key_prefix, encode_snapshot(cpu, version), version)
 
     def _drop_group(self) -> None:
         if self._group is not None:
@@ -318,9 +452,12 @@ class WeightSubscriber:
     """One per policy server. Loads the snapshot, registers, then receives on a daemon thread.
 
     ``on_weights(tensors, version)`` runs on the receiver thread, never concurrently with itself. The tensors are
-    fresh (safe to keep, on ``device``) and match the template's names, shapes and dtypes. The policy server must
-    swap them in under its own lock between batches; while the callback runs, the next message waits (the publisher
-    gives up after ``timeout_s``), so keep it to a pointer swap or a quick ``load_state_dict``.
+    safe to keep (on ``device``) and match the template's names, shapes and dtypes. They are views of receive buffers
+    that are allocated once and reused for later versions, but only once nobody holds any tensor of that set any more:
+    a consumer that keeps them (``PolicyHost`` parks them until its next batch) costs at most a second buffer set,
+    never a torn one, and one that copies them out (``load_state_dict``) and lets go gets the same set back next time.
+    The policy server must swap them in under its own lock between batches; while the callback runs, the next message
+    waits (the publisher gives up after ``timeout_s``), so keep it to a pointer swap or a quick ``load_state_dict``.
 
     ``backend=None`` follows the publisher's group: NCCL needs a cuda ``device``; gloo works with any ``device``
     (received on the CPU, then copied). An explicit backend that differs from the group's is logged and not joined.
@@ -361,7 +498,11 @@ class WeightSubscriber:
         self._version: int | None = None
         self._refused = 0
         self._seen_generation = 0
+        self._plans: dict[int, tuple[Bucket, ...]] = {}  # bucket_bytes -> plan of the template
+        self._pool = BufferPool(max_sets=2)  # one held by the consumer, one to receive into
+        self._drain = torch.empty(0, dtype=torch.uint8)  # where a refused message's bytes go
         self._stop = threading.Event()
+        self._wake: redis.client.PubSub | None = None  # the receive thread's alone
         self._heartbeat_thread: threading.Thread | None = None
         self._receive_thread: threading.Thread | None = None
 
@@ -429,7 +570,7 @@ class WeightSubscriber:
                 info = self._next_generation()
                 group = self._join(info) if info else None
                 if group is None:
-                    self._stop.wait(self._poll_s)
+                    self._wait_for_wake()
                     continue
                 try:
                     self._serve(group)
@@ -438,6 +579,31 @@ class WeightSubscriber:
             except Exception as exc:  # noqa: BLE001 - any failure: wait for the next generation
                 logger.warning("weight subscriber %s left its group: %s", self.subscriber_id, exc)
                 self._stop.wait(max(self._poll_s, 0.5))  # do not spin on a Redis outage
+        self._close_wake()
+
+    def _wait_for_wake(self) -> None:
+        """Up to ``poll_s``, returning early when the publisher posts to ``wake`` (a new message or generation).
+
+        Subscribed before the caller's next read of ``announce``, so a post between that read and this wait is
+        either seen here or already reflected in the key; a Redis error falls back to a plain poll.
+        """
+        try:
+            if self._wake is None:
+                self._wake = self._redis.pubsub(ignore_subscribe_messages=True)
+                self._wake.subscribe(self._keys.wake)
+            self._wake.get_message(timeout=self._poll_s)
+            while self._wake.get_message(timeout=0) is not None:  # several posts in a row: one read of the key
+                pass
+        except redis.RedisError as exc:
+            logger.debug("weight subscriber %s: wake channel: %s", self.subscriber_id, exc)
+            self._close_wake()
+            self._stop.wait(self._poll_s)
+
+    def _close_wake(self) -> None:
+        if self._wake is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._wake.close()
+            self._wake = None
 
     def _next_generation(self) -> dict | None:
         raw = self._redis.get(self._keys.group)
@@ -496,12 +662,12 @@ class WeightSubscriber:
                 except Exception:
                     group.broken = True
                     raise
-            self._stop.wait(self._poll_s)
+            self._wait_for_wake()
 
     def _receive_one(self, group: _Group, sequence: int) -> None:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=group.device)
         _broadcast(group.pg, header, self._timeout_s)
-        magic, generation, seq, version, num_buckets, digest, _flags, bucket_bytes = header.tolist()
+        magic, generation, seq, version, num_buckets, digest, piece_bytes, bucket_bytes = header.tolist()
         if (magic, generation, seq) != (HEADER_MAGIC, group.generation, sequence):
             raise RuntimeError(
                 f"out of step: header {(magic, generation, seq)}, expected {group.generation}:{sequence}"
@@ -510,18 +676,33 @@ class WeightSubscriber:
         if num_buckets:
             _broadcast(group.pg, descriptor, self._timeout_s)
         sizes = [(WIRE_DTYPES[code], numel) for code, numel in descriptor.tolist()]
-        plan = plan_buckets(self._layout, bucket_bytes) if digest == self._digest else ()
-        matches = digest == self._digest and [(b.dtype, b.numel) for b in plan] == sizes
-        tensors: dict[str, torch.Tensor] = {}
-        for index, (dtype, numel) in enumerate(sizes):  # on a mismatch, drain anyway so the group stays in step
-            flat = torch.empty(numel, dtype=dtype, device=group.device)
-            _broadcast(group.pg, as_bytes(flat), self._timeout_s)
-            if matches:
-                tensors.update(unflatten_bucket(plan[index], flat))
-        if not matches:
+        plan = self._plan(bucket_bytes) if digest == self._digest else ()
+        if digest != self._digest or [(b.dtype, b.numel) for b in plan] != sizes:
+            for dtype, numel in sizes:  # drain anyway so the group stays in step
+                for start, stop in piece_ranges(numel, dtype.itemsize, piece_bytes):
+                    nbytes = (stop - start) * dtype.itemsize
+                    _broadcast(group.pg, self._drain_buffer(nbytes, group.device), self._timeout_s)
             self._refuse(version, "broadcast", f"layout hash {digest:#x} != template {self._digest:#x}")
             return
-        self._deliver({name: t.to(self._device) for name, t in tensors.items()}, version)
+        buffers = self._pool.acquire(plan, group.device)
+        for flat in buffers.flats:
+            for start, stop in piece_ranges(flat.numel(), flat.element_size(), piece_bytes):
+                _broadcast(group.pg, as_bytes(flat[start:stop]), self._timeout_s)
+        tensors = {name: t.to(self._device) for name, t in buffers.tensors().items()}
+        del buffers  # only the views in ``tensors`` keep the set busy now
+        self._deliver(tensors, version)
+
+    def _plan(self, bucket_bytes: int) -> tuple[Bucket, ...]:
+        """The template's bucket plan for the publisher's ``bucket_bytes`` (computed once per size)."""
+        if bucket_bytes not in self._plans:
+            self._plans = {bucket_bytes: plan_buckets(self._layout, bucket_bytes)}
+        return self._plans[bucket_bytes]
+
+    def _drain_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A scratch byte buffer of at least ``nbytes`` on ``device``, grown as needed and never handed out."""
+        if self._drain.numel() < nbytes or self._drain.device != device:
+            self._drain = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self._drain[:nbytes]
 
     def _deliver(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         if self._version is not None and version <= self._version:

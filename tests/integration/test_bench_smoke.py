@@ -21,7 +21,7 @@ ROWS = {
     "policy server": 7,  # Act + p50/p99, then per rollout size: rate, batching efficiency, p50/p99
     "trajectory transport": 4,
     "tensor codec": 2,
-    "weight broadcast": 2,
+    "weight broadcast": 3,  # delivery, publish() wall time, the background snapshot
     "env scaling": 2,  # 1 and 2 processes in smoke mode
 }
 

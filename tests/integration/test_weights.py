@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from gsrl.redis_server import LocalRedis
-from gsrl.weight_layout import plan_buckets, tensor_layout
+from gsrl.weight_layout import flatten_bucket, plan_buckets, tensor_layout
+from gsrl.weight_snapshot import SnapshotWriter, read_snapshot
 from gsrl.weights import PublishStats, WeightPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,6 +137,7 @@ def test_late_subscriber_loads_snapshot_then_joins_at_rebuild(make_publisher, sp
     early = spawn("early")
     early.events_until("started")
     assert publish(publisher, 1).num_subscribers == 1 and publish(publisher, 2).snapshot_bytes > 0
+    assert publisher.flush_snapshot(5.0)  # written in the background: a late joiner gets the last one finished
     late = spawn("late")
     events = late.events_until("started")
     assert events[-1]["snapshot_version"] == 2 and weights(events) == [2]
@@ -180,7 +184,7 @@ def test_restarts_on_either_side_rebuild_the_group(make_publisher, spawn, redis_
     publisher = make_publisher()
     first = spawn("a")
     first.events_until("started")
-    assert publish(publisher, 1).num_subscribers == 1
+    assert publish(publisher, 1).num_subscribers == 1 and publisher.flush_snapshot(5.0)
     assert first.stop()["version"] == 1
     redis_client.delete(stop_key(prefix, "a"))
     second = spawn("a")  # same id, new process: a pod restarted under its name
@@ -193,3 +197,88 @@ def test_restarts_on_either_side_rebuild_the_group(make_publisher, spawn, redis_
     stats = publish(restarted, 3)
     assert stats.rebuilt and stats.num_subscribers == 1 and stats.error is None
     assert weights(second.events_until("weights", version=3)) == [2, 3]
+
+
+def test_buckets_in_pieces_reuse_buffers_across_versions(make_publisher, spawn) -> None:
+    """Many small pieces per bucket (odd sizes per dtype), buffers reused: every version arrives exactly."""
+    publisher = make_publisher(piece_bytes=1000)
+    subs = [spawn("a"), spawn("b")]
+    for sub in subs:
+        sub.events_until("started")
+    for version in range(1, 6):
+        stats = publish(publisher, version)
+        assert stats.error is None and stats.num_subscribers == 2
+        assert publisher.flush_snapshot(5.0)
+    for sub in subs:
+        assert weights(sub.events_until("weights", version=5)) == [1, 2, 3, 4, 5]  # each checked value by value
+    assert publisher._pool.allocations == 1  # one buffer set served all five versions and their snapshots
+
+
+def test_a_layout_change_reallocates_and_is_refused_downstream(make_publisher, spawn) -> None:
+    publisher = make_publisher()
+    sub = spawn("a")
+    sub.events_until("started")
+    publish(publisher, 1)
+    assert publisher.flush_snapshot(5.0) and publisher._pool.allocations == 1
+    stats = publisher.publish(make_state(2, mismatch=True), 2)  # same bytes, another layout
+    assert stats.error is None and publisher._pool.allocations == 2
+    assert publisher.flush_snapshot(5.0)
+    publish(publisher, 3)  # back to the template's layout: a new plan again, delivered exactly
+    assert publisher._pool.allocations == 3
+    assert weights(sub.events_until("weights", version=3)) == [1, 3]
+    assert sub.stop()["refused"] == 1
+
+
+def test_background_snapshot_is_the_published_version_even_if_the_weights_change(
+    make_publisher, redis_client, prefix
+) -> None:
+    publisher = make_publisher()
+    state = make_state(1)
+    stats = publisher.publish(state, 1)
+    assert stats.snapshot_bytes > 0 and stats.num_subscribers == 0
+    for tensor in state.values():  # the learner steps on right after publish() returns
+        tensor.zero_()
+    assert publisher.flush_snapshot(5.0)
+    assert publisher.last_snapshot is not None and publisher.last_snapshot.version == 1
+    assert publisher.last_snapshot.nbytes == stats.snapshot_bytes
+    loaded, version = read_snapshot(redis_client, prefix)
+    assert version == 1 and loaded.keys() == make_state(1).keys()
+    assert all(torch.equal(loaded[k], v) for k, v in make_state(1).items())
+    publish(publisher, 2)
+    assert int(redis_client.get(f"{prefix}:weights:version")) == 2  # recorded at once, before the snapshot lands
+
+
+def test_background_snapshots_never_overlap_and_the_latest_wins(redis_client, prefix) -> None:
+    release, writing = threading.Event(), threading.Event()
+    active, overlaps = [0], [0]
+
+    class SlowWriter(SnapshotWriter):
+        def _write(self, job):  # type: ignore[no-untyped-def]
+            active[0] += 1
+            overlaps[0] = max(overlaps[0], active[0])
+            writing.set()
+            release.wait(10)
+            try:
+                return super()._write(job)
+            finally:
+                active[0] -= 1
+
+    writer = SlowWriter(redis_client, prefix)
+    layout = tensor_layout(make_state(0))
+
+    def views(version: int) -> list:
+        state = make_state(version)
+        return [(b, flatten_bucket(b, state, torch.device("cpu"))) for b in plan_buckets(layout, BUCKET_BYTES)]
+
+    writer.submit(1, views(1))
+    assert writing.wait(10)  # v1 is being written; v2 then v3 queue behind it, v3 replacing v2
+    writer.submit(2, views(2))
+    writer.submit(3, views(3))
+    assert not writer.flush(0.2)
+    release.set()
+    assert writer.flush(10) and writer.close(1)
+    assert writer.dropped == 1 and overlaps[0] == 1
+    assert writer.last_written is not None and writer.last_written.version == 3
+    loaded, version = read_snapshot(redis_client, prefix)
+    assert version == 3 and all(torch.equal(loaded[k], v) for k, v in make_state(3).items())
+    assert redis_client.exists(f"{prefix}:weights:snapshot:2:0") == 0  # v2 was never written

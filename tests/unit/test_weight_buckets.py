@@ -1,19 +1,24 @@
-"""Bucketing and layout hashing for the weight broadcast: pure functions, no processes."""
+"""Bucketing, layout hashing, persistent buffers and snapshot bytes for the weight broadcast: no processes."""
 
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 
 from gsrl.weight_layout import (
     WIRE_DTYPES,
+    BucketBuffers,
+    BufferPool,
     bucket_descriptor,
     flatten_bucket,
     layout_hash,
+    piece_ranges,
     plan_buckets,
     tensor_layout,
     unflatten_bucket,
 )
+from gsrl.weight_snapshot import encode_snapshot, snapshot_nbytes
 
 
 def state() -> dict[str, torch.Tensor]:
@@ -96,3 +101,76 @@ def test_unsupported_dtype_and_bad_bucket_size_are_refused() -> None:
         tensor_layout({"z": torch.zeros(2, dtype=torch.complex64)})
     with pytest.raises(ValueError, match="bucket_bytes"):
         plan_buckets(tensor_layout(state()), 0)
+
+
+# ---------------------------------------------------------------- persistent buffers
+
+
+def test_pool_reuses_a_set_only_while_nobody_holds_its_tensors() -> None:
+    sd = state()
+    buckets = plan_buckets(tensor_layout(sd), 4096)
+    pool = BufferPool(max_sets=2)
+    first = pool.acquire(buckets, torch.device("cpu"))
+    assert pool.acquire(buckets, torch.device("cpu")) is first and pool.allocations == 1  # nothing held: reused
+    for index in range(len(buckets)):
+        first.fill(index, sd)
+    held = first.tensors()  # a consumer keeps version 1 (PolicyHost parks it until its next batch)
+    second = pool.acquire(buckets, torch.device("cpu"))
+    assert second is not first and first.busy and pool.allocations == 2
+    for index in range(len(buckets)):
+        second.fill(index, {k: torch.zeros_like(v) for k, v in sd.items()})
+    assert all(torch.equal(held[k], v) for k, v in sd.items())  # version 2 did not touch what the consumer holds
+    snapshot_views = second.views()
+    one_off = pool.acquire(buckets, torch.device("cpu"))  # both held, pool full: a set used once
+    assert one_off not in (first, second) and pool.allocations == 3
+    del held, snapshot_views
+    assert not first.busy and pool.acquire(buckets, torch.device("cpu")) is first
+
+
+def test_a_new_plan_reallocates() -> None:
+    sd = state()
+    pool = BufferPool(max_sets=3)
+    old = pool.acquire(plan_buckets(tensor_layout(sd), 4096), torch.device("cpu"))
+    assert pool.acquire(plan_buckets(tensor_layout(sd), 4096), torch.device("cpu")) is old
+    grown = {**sd, "encoder.bias": torch.randn(31)}  # a layout change
+    new = pool.acquire(plan_buckets(tensor_layout(grown), 4096), torch.device("cpu"))
+    assert new is not old and pool.allocations == 2
+    assert [f.numel() for f in new.flats] == [b.numel for b in plan_buckets(tensor_layout(grown), 4096)]
+    rebucketed = pool.acquire(plan_buckets(tensor_layout(grown), 1 << 20), torch.device("cpu"))  # a new bucket size
+    assert rebucketed is not new and pool.allocations == 3
+
+
+def test_partial_fills_cover_exactly_the_specs_asked_for() -> None:
+    sd = {"a": torch.full((3,), 1.0), "b": torch.full((2, 2), 2.0).t(), "c": torch.full((5,), 3.0)}
+    (bucket,) = plan_buckets(tensor_layout(sd), 1 << 10)
+    buffers = BucketBuffers((bucket,), torch.device("cpu"))
+    assert buffers.offsets == ((0, 3, 7, 12),)
+    buffers.fill(0, sd, 0, 1)
+    assert buffers.flats[0].tolist() == [1.0] * 3 + [0.0] * 9
+    buffers.fill(0, sd, 1)
+    assert buffers.flats[0].tolist() == [1.0] * 3 + [2.0] * 4 + [3.0] * 5
+
+
+def test_piece_ranges_cover_a_bucket_in_bounded_pieces() -> None:
+    assert piece_ranges(10, 4, 0) == [(0, 10)]
+    assert piece_ranges(10, 4, 16) == [(0, 4), (4, 8), (8, 10)]
+    assert piece_ranges(10, 4, 18) == [(0, 4), (4, 8), (8, 10)]  # whole elements only
+    assert piece_ranges(3, 8, 1) == [(0, 1), (1, 2), (2, 3)]  # never an empty piece for a positive size
+    assert piece_ranges(0, 4, 16) == [(0, 0)]  # an empty bucket still travels once
+
+
+def test_snapshot_bytes_are_safetensors_for_every_wire_dtype() -> None:
+    sd = {f"t{i}": torch.arange(7, dtype=torch.float32).to(dtype) for i, dtype in enumerate(WIRE_DTYPES)}
+    sd["matrix"] = torch.randn(3, 5)
+    buckets = plan_buckets(tensor_layout(sd), 4096)
+    flats = [(b, flatten_bucket(b, sd, torch.device("cpu"))) for b in buckets]
+    pieces = encode_snapshot(flats, version=7, chunk_bytes=16)
+    assert all(len(piece) <= 16 for piece in pieces[1:]) and len(pieces) > len(buckets)
+    blob = b"".join(bytes(piece) for piece in pieces)
+    assert len(blob) == snapshot_nbytes(buckets, 7)
+    loaded = safetensors.torch.load(blob)
+    assert loaded.keys() == sd.keys()
+    for name, tensor in sd.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(
+            loaded[name].view(torch.uint8), tensor.view(torch.uint8)
+        )
