@@ -166,6 +166,17 @@ def eval_video_dir(weights_file: Path) -> Path:
     return checkpoint_dir / "videos" / "eval"
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate: honest at 0 % and 100 % and for small N, unlike p +- z*se."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def policy_observation_spec(batch: EnvBatch) -> ObservationSpec:
     """EnvBatch's numpy spec -> the policy's ``{key: (shape, torch dtype name)}`` (floats arrive as float32)."""
     return {
@@ -259,9 +270,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             print(f"videos: {', '.join(str(p) for p in recorder.videos)}")
 
     mode = "stochastic" if args.stochastic else "deterministic"
+    low, high = wilson_interval(sum(result.episode_success_once), result.episodes)
     print(
         f"{config.task.id} {weights_file}: {result.episodes} episodes ({mode}), "
-        f"success_once {100 * result.success_once_rate:.1f}%, mean return {result.mean_return:.2f}, "
+        f"success_once {100 * result.success_once_rate:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%), "
+        f"mean return {result.mean_return:.2f}, "
         f"mean length {result.mean_length:.1f}, {result.wall_s:.0f} s"
     )
     if args.json:
@@ -275,6 +288,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             "seed": seed,
             "config": config.to_dict(),
             "result": asdict(result),
+            "success_once_ci95": [low, high],
         }
         out.write_text(json.dumps(report, indent=2))
     return 0

@@ -155,3 +155,14 @@ def test_eval_films_gsenv_episodes_into_the_run_directory(tmp_path: Path) -> Non
     # Frame counts are checked by decoding in tests/unit/test_episode_recorder.py; decoding here would fork ffmpeg
     # from a process that has run gRPC servers, which is fragile under load.
     assert videos[0].stat().st_size > 1000
+
+
+def test_wilson_interval_brackets_the_rate_and_narrows_with_more_episodes() -> None:
+    from services.env_server.evaluate import wilson_interval
+
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.25 < high < 0.35  # 0/10 is not "certainly 0 %"
+    low, high = wilson_interval(50, 100)
+    assert 0.40 < low < 0.5 < high < 0.60
+    wide, narrow = wilson_interval(8, 10), wilson_interval(80, 100)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
