@@ -31,6 +31,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gsrl.v1 import rollout_pb2, rollout_pb2_grpc, tensor_pb2
+from gsrl.wire_dtypes import DTYPE_BY_NUMPY, NUMPY_BY_DTYPE
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -51,20 +52,6 @@ SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_nam
 IMAGE_PREFIX = "rgb/"
 STATE_KEY = "state"
 
-# Same table as gsrl.codec (bfloat16 has no numpy dtype and is never an observation or an action).
-_NUMPY_BY_DTYPE: dict[int, np.dtype] = {
-    tensor_pb2.D_TYPE_FLOAT32: np.dtype("<f4"),
-    tensor_pb2.D_TYPE_FLOAT64: np.dtype("<f8"),
-    tensor_pb2.D_TYPE_FLOAT16: np.dtype("<f2"),
-    tensor_pb2.D_TYPE_INT64: np.dtype("<i8"),
-    tensor_pb2.D_TYPE_INT32: np.dtype("<i4"),
-    tensor_pb2.D_TYPE_INT16: np.dtype("<i2"),
-    tensor_pb2.D_TYPE_INT8: np.dtype("i1"),
-    tensor_pb2.D_TYPE_UINT8: np.dtype("u1"),
-    tensor_pb2.D_TYPE_BOOL: np.dtype("?"),
-}
-# Keyed by (kind, itemsize) so big-endian and native arrays map to the same wire dtype.
-_DTYPE_BY_NUMPY = {(v.kind, v.itemsize): k for k, v in _NUMPY_BY_DTYPE.items()}
 _MAX_RESPONSE_RANK = 8
 
 
@@ -142,10 +129,10 @@ def _to_wire(value: np.ndarray) -> np.ndarray:
 def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     """numpy array -> ``gsrl.v1.Tensor`` with exactly gsrl.codec.encode's bytes (little-endian, C order)."""
     array = np.asarray(array)
-    dtype = _DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
+    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
     if dtype is None:
         raise TypeError(f"cannot encode numpy dtype {array.dtype}")
-    wire = _NUMPY_BY_DTYPE[dtype]
+    wire = NUMPY_BY_DTYPE[dtype]
     if array.dtype != wire:  # big-endian input
         array = array.astype(wire)
     return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
@@ -153,7 +140,7 @@ def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
 
 def decode_tensor(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     """``gsrl.v1.Tensor`` -> a writable numpy array in native byte order, checking what the server sent."""
-    wire = _NUMPY_BY_DTYPE.get(message.dtype)
+    wire = NUMPY_BY_DTYPE.get(message.dtype)
     if wire is None:
         raise ValueError(f"tensor '{name}': unsupported dtype {message.dtype}")
     shape = list(message.shape)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gsrl.v1 import tensor_pb2
+from gsrl.wire_dtypes import DTYPE_BY_NUMPY, NUMPY_BY_DTYPE
 
 # Refuse absurd sizes before allocating: 2 GiB is far above any observation or segment.
 MAX_TENSOR_BYTES = 2 << 30
@@ -32,19 +33,6 @@ class TensorDecodeError(ValueError):
     """A Tensor message is malformed (unknown dtype, bad shape, byte count mismatch, non-finite data)."""
 
 
-_NUMPY_BY_DTYPE: dict[int, np.dtype] = {
-    tensor_pb2.D_TYPE_FLOAT32: np.dtype("<f4"),
-    tensor_pb2.D_TYPE_FLOAT64: np.dtype("<f8"),
-    tensor_pb2.D_TYPE_FLOAT16: np.dtype("<f2"),
-    tensor_pb2.D_TYPE_INT64: np.dtype("<i8"),
-    tensor_pb2.D_TYPE_INT32: np.dtype("<i4"),
-    tensor_pb2.D_TYPE_INT16: np.dtype("<i2"),
-    tensor_pb2.D_TYPE_INT8: np.dtype("i1"),
-    tensor_pb2.D_TYPE_UINT8: np.dtype("u1"),
-    tensor_pb2.D_TYPE_BOOL: np.dtype("?"),
-}
-# Keyed by (kind, itemsize) so big-endian and native arrays map to the same wire dtype.
-_DTYPE_BY_NUMPY = {(v.kind, v.itemsize): k for k, v in _NUMPY_BY_DTYPE.items()}
 _TORCH_BY_DTYPE: dict[int, torch.dtype] = {
     tensor_pb2.D_TYPE_FLOAT32: torch.float32,
     tensor_pb2.D_TYPE_FLOAT64: torch.float64,
@@ -81,10 +69,10 @@ def encode(array: np.ndarray | torch.Tensor) -> tensor_pb2.Tensor:
             view = view.astype(view.dtype.newbyteorder("<"))
         return tensor_pb2.Tensor(dtype=dtype, shape=view.shape, data=view.tobytes())
     array = np.asarray(array)
-    dtype = _DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
+    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
     if dtype is None:
         raise TypeError(f"cannot encode numpy dtype {array.dtype}")
-    wire = _NUMPY_BY_DTYPE[dtype]
+    wire = NUMPY_BY_DTYPE[dtype]
     if array.dtype != wire:  # big-endian input
         array = array.astype(wire)
     return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
@@ -117,7 +105,7 @@ def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     dtype, shape, data = _checked(message, name)
     if dtype == tensor_pb2.D_TYPE_BFLOAT16:
         raise TensorDecodeError(f"tensor '{name}': bfloat16 has no numpy dtype; decode with to_torch")
-    return np.frombuffer(data, dtype=_NUMPY_BY_DTYPE[dtype]).reshape(shape)
+    return np.frombuffer(data, dtype=NUMPY_BY_DTYPE[dtype]).reshape(shape)
 
 
 def to_torch(message: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -129,7 +117,7 @@ def to_torch(message: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     # costs about half the Python overhead of torch.frombuffer + reshape, which counts for small tensors.
     if dtype == tensor_pb2.D_TYPE_BFLOAT16:
         return torch.frombuffer(bytearray(data), dtype=torch.bfloat16).reshape(shape)
-    array = np.frombuffer(bytearray(data), dtype=_NUMPY_BY_DTYPE[dtype])
+    array = np.frombuffer(bytearray(data), dtype=NUMPY_BY_DTYPE[dtype])
     if not _NATIVE_IS_WIRE:
         array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(array.reshape(shape))

@@ -1,0 +1,25 @@
+"""The wire's dtypes as numpy dtypes: the one table ``gsrl.codec`` and the torch-free ``gsrl.act_client`` share.
+
+Kept free of torch so a robot-side client can encode and decode tensors exactly as the servers do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gsrl.v1 import tensor_pb2
+
+# bfloat16 has no numpy dtype: it is on the wire only for torch (gsrl.codec).
+NUMPY_BY_DTYPE: dict[int, np.dtype] = {
+    tensor_pb2.D_TYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.D_TYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.D_TYPE_FLOAT16: np.dtype("<f2"),
+    tensor_pb2.D_TYPE_INT64: np.dtype("<i8"),
+    tensor_pb2.D_TYPE_INT32: np.dtype("<i4"),
+    tensor_pb2.D_TYPE_INT16: np.dtype("<i2"),
+    tensor_pb2.D_TYPE_INT8: np.dtype("i1"),
+    tensor_pb2.D_TYPE_UINT8: np.dtype("u1"),
+    tensor_pb2.D_TYPE_BOOL: np.dtype("?"),
+}
+# Keyed by (kind, itemsize) so big-endian and native arrays map to the same wire dtype.
+DTYPE_BY_NUMPY = {(v.kind, v.itemsize): k for k, v in NUMPY_BY_DTYPE.items()}
