@@ -70,6 +70,21 @@ class Policy(nn.Module, abc.ABC):
         """V(s) [B], no grad (bootstrap values at segment ends and truncations)."""
 
 
+class DtypeStableBuffers(nn.Module):
+    """A module of float32 statistics buffers that follow device moves but never dtype casts.
+
+    ``model.bfloat16()`` must not round observation statistics, or a bf16 policy server and an fp32 learner would
+    normalize the same input differently. Subclasses hold buffers only (no parameters, no children).
+    """
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DtypeStableBuffers:  # type: ignore[override]
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(device=moved.device)
+        return self
+
+
 PolicyFactory = Callable[..., Policy]
 
 # Lazy "module:attribute" entries keep heavy model code (the VLA, transformers) unimported until asked for.

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput
+from gsrl.policy.base import DtypeStableBuffers, ObservationSpec, Policy, PolicyOutput
 from gsrl.policy.encoders import MultiCameraEncoder, image_keys_of
 
 
-class RunningMeanStd(nn.Module):
+class RunningMeanStd(DtypeStableBuffers):
     """Running per-feature mean and variance of observations, stored as float32 buffers.
 
     Buffers travel with ``state_dict`` (and so with every weight broadcast), so a policy server and
@@ -37,15 +37,6 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("var", torch.ones(shape))
         self.register_buffer("count", torch.tensor(1e-4))  # gym's prior: the first batch dominates
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RunningMeanStd:  # type: ignore[override]
-        # Follow device moves but never dtype casts: model.bfloat16() must not round the statistics,
-        # or a bf16 policy server and an fp32 learner would see different normalized inputs.
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                moved = fn(buf)
-                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(device=moved.device)
-        return self
 
     @torch.no_grad()
     def update(self, x: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:

@@ -6,13 +6,13 @@ observation into the same tokens (the PPO ratio is only 1 at unchanged weights i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from gsrl.policy.base import ObservationSpec
+from gsrl.policy.base import DtypeStableBuffers, ObservationSpec
 
 
 def default_image_keys(spec: ObservationSpec) -> list[str]:
@@ -42,7 +42,7 @@ def preprocess_images(images: Tensor, size: int) -> Tensor:
     return x * 2.0 - 1.0
 
 
-class StateNormalizer(nn.Module):
+class StateNormalizer(DtypeStableBuffers):
     """Maps raw state to [-1, 1] with per-dim bounds (pi0.5's quantile form): 2 (x - low) / (high - low + 1e-6) - 1.
 
     ``low``/``high`` are float32 buffers (q01/q99 of the demonstrations, or joint limits); they travel with
@@ -62,13 +62,6 @@ class StateNormalizer(nn.Module):
             )
         if bool((self.high < self.low).any()):
             raise ValueError("state bounds: high < low")
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StateNormalizer:  # type: ignore[override]
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                moved = fn(buf)
-                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(device=moved.device)
-        return self
 
     @torch.no_grad()
     def set_bounds(self, low: Tensor, high: Tensor) -> None:
