@@ -13,8 +13,12 @@ import abc
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from gsrl.config import PolicyConfig
 
 # One entry per observation key: (shape without the batch dim, dtype name such as "float32" or "uint8").
 ObservationSpec = dict[str, tuple[tuple[int, ...], str]]
@@ -140,3 +144,15 @@ def load_weights_file(policy: Policy, path: str) -> None:
         policy.load_state_dict(load_file(str(file)))
     except RuntimeError as exc:
         raise RuntimeError(f"{file} does not fit this policy: {exc}") from exc
+
+
+def build_configured_policy(policy: PolicyConfig, observation_spec: ObservationSpec, action_dim: int) -> Policy:
+    """The run's policy (``config.policy``), started from ``policy.checkpoint`` when one is set.
+
+    The VLA takes its checkpoint as a constructor option (it also reads LeRobot names); every other kind loads the
+    file here, so policy servers and learners start from the same weights.
+    """
+    built = build_policy(policy.kind, observation_spec, action_dim, policy.action_chunk, **policy.kwargs())
+    if policy.checkpoint and "checkpoint" not in policy.kwargs():
+        load_weights_file(built, policy.checkpoint)
+    return built

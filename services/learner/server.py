@@ -26,7 +26,7 @@ from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
 from gsrl.loggers import MultiLogger, build_loggers
 from gsrl.metrics import LearnerMetrics, MetricsServer
-from gsrl.policy import build_policy, load_weights_file
+from gsrl.policy import build_configured_policy
 from gsrl.redis_conn import connect, is_transient, retry
 from gsrl.stream import SegmentConsumer, StreamEntry, StreamKeys, read_counter
 from gsrl.weights import WeightPublisher
@@ -60,15 +60,7 @@ class Learner:
 
         torch.manual_seed(config.run.seed)  # same init on every rank and on the policy servers
         spec = probe_env_spec(config.task)
-        policy = build_policy(
-            config.policy.kind,
-            spec.observation_spec,
-            spec.action_dim,
-            config.policy.action_chunk,
-            **config.policy.kwargs(),
-        )
-        if config.policy.checkpoint and config.policy.kind != "vla":  # start from it (a resume still wins)
-            load_weights_file(policy, config.policy.checkpoint)
+        policy = build_configured_policy(config.policy, spec.observation_spec, spec.action_dim)  # a resume still wins
         self.engine = DeepSpeedEngine(policy.to(self.device), config.algo, zero_stage=lc.zero_stage, bf16=lc.bf16)
         generator = torch.Generator().manual_seed(config.run.seed + rank)
         self.core = PPOLearnerCore(

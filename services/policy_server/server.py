@@ -22,7 +22,7 @@ from gsrl import codec
 from gsrl.config import Config, TLSConfig
 from gsrl.env_spec import EnvSpec, probe_env_spec
 from gsrl.metrics import MetricsServer, PolicyServerMetrics
-from gsrl.policy import build_policy, load_weights_file
+from gsrl.policy import build_configured_policy
 from gsrl.redis_conn import connect, is_transient
 from gsrl.stream import SegmentProducer, StreamKeys
 from gsrl.tls import add_port, message_options
@@ -247,11 +247,7 @@ def serve(config: Config, redis_url: str, server_id: str | None = None, stop_eve
     server_id = server_id or f"policy-{socket.gethostname()}-{ps.port}"
     spec = probe_env_spec(config.task)
     torch.manual_seed(config.run.seed)
-    policy = build_policy(
-        config.policy.kind, spec.observation_spec, spec.action_dim, config.policy.action_chunk, **config.policy.kwargs()
-    )
-    if config.policy.checkpoint and config.policy.kind != "vla":  # the VLA loads its own (gsrl or LeRobot names)
-        load_weights_file(policy, config.policy.checkpoint)
+    policy = build_configured_policy(config.policy, spec.observation_spec, spec.action_dim)
     host = PolicyHost(policy, version=0, device=ps.device)
     metrics = PolicyServerMetrics()
     client = connect(redis_url, config.redis.password)

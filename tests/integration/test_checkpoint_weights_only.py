@@ -105,3 +105,20 @@ def test_policy_checkpoint_starts_a_policy_from_saved_weights(tmp_path: Path) ->
         load_weights_file(other, str(tmp_path / "ckpt"))
     with pytest.raises(FileNotFoundError, match="policy checkpoint not found"):
         load_weights_file(fresh, str(tmp_path / "missing"))
+
+
+def test_configured_policy_starts_from_policy_checkpoint(tmp_path: Path) -> None:
+    """What policy servers and learners build: ``config.policy`` with ``policy.checkpoint`` loaded."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gsrl.config import load_config
+    from gsrl.policy import build_configured_policy
+
+    spec = {"state": ((5,), "float32")}
+    config = load_config(None, ["policy.hidden_sizes=[8]", f"policy.checkpoint={tmp_path}"])
+    trained = build_configured_policy(load_config(None, ["policy.hidden_sizes=[8]"]).policy, spec, 2)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "model.safetensors")
+    loaded = build_configured_policy(config.policy, spec, 2)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
