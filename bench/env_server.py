@@ -15,6 +15,7 @@ import numpy as np
 
 from bench.common import Row, Sizes, interleaved
 from gsrl.config import TaskConfig
+from gsrl.env_spec import make_physics_env
 from services.env_server.core import EnvBatch
 
 TASK = TaskConfig(control_mode="pd_ee_delta_pose")  # configs/state_ppo.yaml
@@ -22,17 +23,7 @@ CHUNK = 1
 
 
 def _raw_env() -> gym.Env:
-    return gym.make(
-        TASK.id,
-        num_envs=1,
-        obs_mode=TASK.obs_mode,
-        control_mode=TASK.control_mode,
-        reward_mode=TASK.reward_mode,
-        max_episode_steps=TASK.max_episode_steps,
-        sim_backend="physx_cpu",
-        sim_config=dict(sim_freq=TASK.sim_freq, control_freq=TASK.control_freq),
-        success_mode=TASK.success_mode,
-    )
+    return make_physics_env(TASK, obs_mode=TASK.obs_mode)
 
 
 def run(sizes: Sizes) -> list[Row]:

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from gsrl.config import GS_TASK_PREFIX, TaskConfig
+from gsrl.config import TaskConfig
 from gsrl.data.lerobot import Episode, LeRobotWriter
+from gsrl.env_spec import make_physics_env
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class ExpertCollector:
     """
 
     def __init__(self, task: TaskConfig, num_envs: int, seed: int, noise_std: float = 0.0) -> None:
-        import gymnasium as gym
 
         import gsrl.tasks  # noqa: F401  (registers the tasks)
         from gsrl.tasks.expert import EXPERT_CONTROL_MODES, ExpertConfig, PutCubeOnPlateExpert
@@ -77,19 +77,7 @@ class ExpertCollector:
         self.envs: list[Any] = []
         self.observer: Any = None
         for _ in range(num_envs):
-            self.envs.append(
-                gym.make(
-                    task.id.removeprefix(GS_TASK_PREFIX),
-                    num_envs=1,
-                    obs_mode="state_dict",
-                    control_mode=task.control_mode,
-                    reward_mode=task.reward_mode,
-                    max_episode_steps=task.max_episode_steps,
-                    sim_backend="physx_cpu",
-                    sim_config=dict(sim_freq=task.sim_freq, control_freq=task.control_freq),
-                    success_mode=task.success_mode,
-                )
-            )
+            self.envs.append(make_physics_env(task))
         if task.is_splat_rendered:
             from gsrl.tasks.gs_env import SplatObserver
 

@@ -51,6 +51,31 @@ def _numpy_dtype(value: Any) -> np.dtype:
     return np.asarray(value.cpu() if hasattr(value, "cpu") else value).dtype
 
 
+def make_physics_env(task: TaskConfig, obs_mode: str = "state_dict", **extra: Any) -> Any:
+    """One CPU-physics env of ``task``'s physics (a ``GSEnv-`` id without its prefix) as the run configures it:
+    controller, reward, time limit, frequencies (through ManiSkill's generic ``sim_config``) and success test.
+
+    For tools that drive single envs themselves (demonstration collection, videos, benchmarks); ``extra`` goes to
+    ``gym.make`` (e.g. ``sensor_configs``).
+    """
+    import gymnasium as gym
+
+    import gsrl.tasks  # noqa: F401  (registers the tasks)
+
+    return gym.make(
+        task.id.removeprefix(GS_TASK_PREFIX),
+        num_envs=1,
+        obs_mode=obs_mode,
+        control_mode=task.control_mode,
+        reward_mode=task.reward_mode,
+        max_episode_steps=task.max_episode_steps,
+        sim_backend="physx_cpu",
+        sim_config=dict(sim_freq=task.sim_freq, control_freq=task.control_freq),
+        success_mode=task.success_mode,
+        **extra,
+    )
+
+
 def probe_env_spec(task: TaskConfig) -> EnvSpec:
     """Create one env of ``task``, reset it, and read the observation layout and action size.
 

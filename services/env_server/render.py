@@ -23,14 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 import gsrl.tasks  # noqa: F401  (registers the tasks)
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config
-from gsrl.env_spec import flatten_observation
+from gsrl.env_spec import flatten_observation, make_physics_env
 from gsrl.policy import Policy, build_policy
 from gsrl.splat.overlay import write_overlay_videos
 from gsrl.tasks.gs_env import SplatObserver, image_key, proprioception, reference_camera
@@ -69,6 +68,26 @@ def _observations(observer: SplatObserver, raw_obs: Any, frames: dict[str, np.nd
     return {"state": proprioception(flat), **{key: frames[key][0] for key in frames}}
 
 
+def _record_frame(
+    observer: SplatObserver,
+    video: VideoWriter,
+    splat_frames: list[np.ndarray],
+    sim_frames: list[np.ndarray],
+    sim_env: Any | None,
+    lines: list[str],
+    info_on_video: bool,
+) -> dict[str, np.ndarray]:
+    """Render env 0's current state into the video (cameras side by side, ``lines`` drawn on when asked) and the
+    overlay streams (first camera; SAPIEN's own render too when ``sim_env`` is given); return the frames."""
+    frames = observer.render([observer.snapshot(0)])
+    shown = side_by_side(*(frames[image_key(c)][0] for c in observer.cameras), gap=2)
+    video.append(draw_info(shown, lines) if info_on_video else shown)
+    splat_frames.append(frames[image_key(observer.cameras[0])][0])
+    if sim_env is not None:
+        sim_frames.append(sim_env.get_sensor_images()["3rd_view_camera"]["rgb"][0].cpu().numpy())
+    return frames
+
+
 def render_episodes(
     config: Config,
     out_dir: Path,
@@ -83,22 +102,13 @@ def render_episodes(
 ) -> list[dict[str, Any]]:
     """Roll and record ``episodes`` episodes; returns one summary dict per episode (written as render.json too)."""
     task, render = config.task, config.task.render
-    physics_id = task.id.removeprefix("GSEnv-")
-    make_kwargs: dict[str, Any] = dict(
-        obs_mode="state_dict",
-        control_mode=task.control_mode,
-        reward_mode=task.reward_mode,
-        max_episode_steps=task.max_episode_steps,
-        sim_backend="physx_cpu",
-        sim_config=dict(sim_freq=task.sim_freq, control_freq=task.control_freq),
-        success_mode=task.success_mode,
-    )
+    make_kwargs: dict[str, Any] = {}
     if compare_sim:  # SAPIEN renders the same camera at the splat images' size and intrinsics
         camera = reference_camera(render.width, render.height)
         make_kwargs["sensor_configs"] = {
             "3rd_view_camera": dict(width=render.width, height=render.height, intrinsic=camera.K.numpy())
         }
-    env = gym.make(physics_id, **make_kwargs)
+    env = make_physics_env(task, **make_kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     try:
@@ -117,19 +127,14 @@ def render_episodes(
             success = False
             ret = 0.0
             with VideoWriter(path, fps=fps) as video:
-                step = 0
-                reward = None
+                step, reward, ended = 0, None, False
                 while True:
-                    frames = observer.render([observer.snapshot(0)])
-                    shown = side_by_side(*(frames[image_key(c)][0] for c in observer.cameras), gap=2)
-                    if info_on_video:
-                        shown = draw_info(
-                            shown, info_lines(step=step, reward=reward, success=success, instruction=instruction)
-                        )
-                    video.append(shown)
-                    splat_frames.append(frames[image_key(observer.cameras[0])][0])
-                    if compare_sim:
-                        sim_frames.append(base.get_sensor_images()["3rd_view_camera"]["rgb"][0].cpu().numpy())
+                    lines = info_lines(step=step, reward=reward, success=success, instruction=instruction)
+                    frames = _record_frame(
+                        observer, video, splat_frames, sim_frames, base if compare_sim else None, lines, info_on_video
+                    )
+                    if ended:
+                        break
                     action = source.next(step, _observations(observer, raw_obs, frames), instruction)
                     if action is None:
                         break
@@ -139,18 +144,7 @@ def render_episodes(
                     ret += reward
                     success = success or bool(info["success"].reshape(-1)[0])
                     step += 1
-                    if bool(terminated.reshape(-1)[0]) or bool(truncated.reshape(-1)[0]):
-                        frames = observer.render([observer.snapshot(0)])
-                        splat_frames.append(frames[image_key(observer.cameras[0])][0])
-                        if compare_sim:
-                            sim_frames.append(base.get_sensor_images()["3rd_view_camera"]["rgb"][0].cpu().numpy())
-                        shown = side_by_side(*(frames[image_key(c)][0] for c in observer.cameras), gap=2)
-                        if info_on_video:
-                            shown = draw_info(
-                                shown, info_lines(step=step, reward=reward, success=success, instruction=instruction)
-                            )
-                        video.append(shown)
-                        break
+                    ended = bool(terminated.reshape(-1)[0]) or bool(truncated.reshape(-1)[0])
             np.savez(out_dir / f"episode_{episode:03d}.npz", actions=np.stack(actions), seed=episode_seed)
             summary: dict[str, Any] = {
                 "episode": episode,
