@@ -16,6 +16,7 @@ reference's ``align_sim_gs.py`` makes, and the figure that says how close the sp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -104,6 +105,10 @@ def render_episodes(
     task, render = config.task, config.task.render
     make_kwargs: dict[str, Any] = {}
     if compare_sim:  # SAPIEN renders the same camera at the splat images' size and intrinsics
+        # ... and no randomization, or the splat's jittered camera and colours would be compared with a clean one.
+        render = dataclasses.replace(
+            render, brightness=0.0, color_jitter=0.0, camera_translation_std=0.0, camera_rotation_std_deg=0.0
+        )
         camera = reference_camera(render.width, render.height)
         make_kwargs["sensor_configs"] = {
             "3rd_view_camera": dict(width=render.width, height=render.height, intrinsic=camera.K.numpy())
