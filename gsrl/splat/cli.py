@@ -53,17 +53,14 @@ def align_scan(
     icp: bool = True,
 ) -> dict[str, Any]:
     """Estimate scan -> sim, write the aligned scene directory and ``alignment.json``; return the summary."""
-    import gymnasium as gym
-
-    import gsrl.tasks  # noqa: F401  (registers the tasks)
+    from gsrl.env_spec import make_physics_env
     from gsrl.splat.align import Similarity, align_splat_to_scene, apply_similarity, save_similarity, umeyama
     from gsrl.splat.ply import load_ply
     from gsrl.splat.scene_gaussians import SceneGaussians, ScenePart, part_world_poses, save_scene
     from gsrl.tasks.gs_env import load_or_build_scene
 
     task = config.task
-    physics_id = task.id.removeprefix("GSEnv-")
-    env = gym.make(physics_id, obs_mode="state_dict", sim_backend="physx_cpu")
+    env = make_physics_env(task)
     try:
         env.reset(seed=config.run.seed)
         base = env.unwrapped
