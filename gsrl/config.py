@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -383,6 +384,9 @@ class AlgoConfig:
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     lr: float = 3e-4
+    # Learning rate of the critic (the value head's parameters, ``Policy.critic_parameters``); null = ``lr`` for
+    # everything. pi_RL / RLinf train the VLA's value head at 1.55e-4 while the actor moves at 7.9e-6.
+    critic_lr: float | None = None
     max_grad_norm: float = 1.0
     update_epochs: int = 4
     num_minibatches: int = 4
@@ -399,6 +403,7 @@ class AlgoConfig:
         _require(self.value_coef >= 0, f"{key}.value_coef", "must be >= 0")
         _require(self.entropy_coef >= 0, f"{key}.entropy_coef", "must be >= 0")
         _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(self.critic_lr is None or self.critic_lr > 0, f"{key}.critic_lr", "must be > 0 (or null = lr)")
         _require(self.max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
         _require(self.update_epochs >= 1, f"{key}.update_epochs", "must be >= 1")
         _require(self.num_minibatches >= 1, f"{key}.num_minibatches", "must be >= 1")
@@ -567,6 +572,9 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field's type; ints widen to floats, lists become tuples."""
     origin = typing.get_origin(annotation)
@@ -596,6 +604,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 3e-4 and 1e5, which lack a dot or an exponent sign, as strings.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)
@@ -661,22 +672,53 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML run config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("<root>", f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    """Load a YAML run config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    A file may start from another with ``extends: other.yaml`` (a path relative to the file): its sections are
+    merged key by key over the other's, so a variant (a 2-GPU placement, say) states only what it changes.
+    """
+    data = _read_config_file(Path(path), ()) if path is not None else {}
     for item in overrides:
         apply_override(data, item)
     return from_dict(data)
+
+
+EXTENDS_KEY = "extends"
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One file's mapping with its ``extends`` chain resolved (``chain``: the files that extend this one)."""
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError("<file>", f"config file not found: {path}{where}")
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(EXTENDS_KEY, f"config files extend each other in a cycle: {cycle}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError("<root>", f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+    data = dict(loaded or {})
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(EXTENDS_KEY, f"{path}: must name a config file, got {parent!r}")
+    base = _read_config_file(path.parent / parent, (*chain, path.resolve()))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursing into mappings present in both; lists and values are replaced whole."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def dump_config(config: Config, path: str | Path) -> None:

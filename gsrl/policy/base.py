@@ -73,6 +73,18 @@ class Policy(nn.Module, abc.ABC):
     def value(self, observations: dict[str, Tensor], instructions: list[str] | None = None) -> Tensor:
         """V(s) [B], no grad (bootstrap values at segment ends and truncations)."""
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the value estimate uses (the critic / value head), frozen ones included.
+
+        The learner trains these at ``algo.critic_lr`` and everything else at ``algo.lr``: pi_RL / RLinf move a
+        pretrained VLA's actor slowly (7.9e-6) while the freshly initialised value head has to catch up with the
+        returns quickly (1.55e-4). Each policy names its own value head here, so the optimizer's groups follow the
+        model's structure rather than guesses from parameter names. Parameters shared by actor and critic (an
+        encoder or backbone both read) are not the critic's: they stay at ``lr``. The default (none) is for a
+        policy without a separate value head; the learner then refuses ``critic_lr``.
+        """
+        return []
+
 
 class DtypeStableBuffers(nn.Module):
     """A module of float32 statistics buffers that follow device moves but never dtype casts.

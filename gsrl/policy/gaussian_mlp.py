@@ -146,6 +146,10 @@ class GaussianMLPPolicy(Policy):
         values = self.critic(state).float().squeeze(-1)
         return mean, std, values
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic MLP; the image encoder feeds actor and critic alike, so it stays with the actor."""
+        return list(self.critic.parameters())
+
     @torch.no_grad()
     def act(
         self,

@@ -2,7 +2,9 @@
 
 Built from a plain ``nn.Module`` and the algorithm config. The optimizer is a torch ``AdamW`` object
 handed to DeepSpeed (a client optimizer) rather than a DeepSpeed "optimizer" config entry, because
-builds with ``DS_BUILD_OPS=0`` (our CPU images) have no compiled FusedAdam/CPUAdam to JIT.
+builds with ``DS_BUILD_OPS=0`` (our CPU images) have no compiled FusedAdam/CPUAdam to JIT. With
+``algo.critic_lr`` set it has two param groups, ``actor`` at ``lr`` and ``critic`` (the model's
+``critic_parameters()``) at ``critic_lr``; DeepSpeed keeps a client optimizer's groups and their lrs.
 
 The caller owns ``torch.distributed`` setup (``deepspeed.init_distributed(dist_backend=...)`` in
 ``__main__``/``server.py``); ``deepspeed.initialize`` would otherwise pick a backend itself.
@@ -22,6 +24,8 @@ class OptimSettings(Protocol):
     """The fields of ``gsrl.config.AlgoConfig`` the optimizer reads."""
 
     lr: float
+    # None: one group at ``lr``. Read with getattr, so settings without the field (``SFTSettings``) mean None.
+    critic_lr: float | None
     max_grad_norm: float
 
 
@@ -48,6 +52,37 @@ def deepspeed_config(
     return config
 
 
+def param_groups(model: nn.Module, algo: OptimSettings) -> list[dict[str, Any]]:
+    """The optimizer's param groups over ``model``'s trainable parameters.
+
+    Without ``algo.critic_lr``: one group at ``algo.lr``. With it: ``{"name": "actor", "lr": lr}`` and
+    ``{"name": "critic", "lr": critic_lr}``, the critic group being the model's ``critic_parameters()``
+    (``gsrl.policy.Policy``). A schedule that changes lrs later should scale each group from its own base
+    lr, or the two collapse into one. ValueError when critic_lr is set but the model names no trainable
+    critic parameters (the separate rate would silently apply to nothing).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    critic_lr = getattr(algo, "critic_lr", None)
+    if critic_lr is None:
+        return [{"params": trainable, "lr": algo.lr}]
+    named = getattr(model, "critic_parameters", None)
+    if named is None:
+        raise ValueError(
+            f"algo.critic_lr={critic_lr} needs a policy that names its critic (critic_parameters()); "
+            f"{type(model).__name__} does not"
+        )
+    critic_ids = {id(p) for p in named()}
+    critic = [p for p in trainable if id(p) in critic_ids]
+    if not critic:
+        raise ValueError(
+            f"algo.critic_lr={critic_lr} is set but {type(model).__name__} has no trainable critic parameters "
+            "(critic_parameters() is empty or frozen); unset algo.critic_lr"
+        )
+    actor = [p for p in trainable if id(p) not in critic_ids]
+    groups = [{"name": "actor", "params": actor, "lr": algo.lr}] if actor else []
+    return groups + [{"name": "critic", "params": critic, "lr": critic_lr}]
+
+
 class DeepSpeedEngine:
     """``OptimizerEngine`` backed by a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0-3, optional bf16)."""
 
@@ -62,8 +97,9 @@ class DeepSpeedEngine:
         weight_decay: float = 0.0,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=algo.lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups = param_groups(model, algo)
+        parameters = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=algo.lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.zero_stage = zero_stage
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def test_env_pods_get_distinct_seeds_from_their_pod_names(tmp_path: Path) -> Non
     assert not [a for a in fixed["args"] if "run.seed" in a]
 
 
-def _schema_type(annotation: object) -> str:
+def _schema_type(annotation: object) -> str | list[str]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # float | None -> ["number", "null"]
+        return [_schema_type(a) for a in typing.get_args(annotation)]
+    if annotation is type(None):
+        return "null"
     if typing.get_origin(annotation) is tuple:
         return "array"
     if dataclasses.is_dataclass(annotation):

@@ -80,7 +80,98 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
         dist.destroy_process_group()
 
 
+def _critic_lr_worker(kind: str, zero_stage: int) -> dict[str, object]:
+    """Runs inside the subprocess: an engine with ``algo.critic_lr``, its param groups and one optimizer step."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from gsrl.config import AlgoConfig
+    from gsrl.policy import build_policy
+    from services.learner.engine import DeepSpeedEngine, param_groups
+
+    actor_lr, critic_lr = 1e-4, 1e-3
+    # Clipping off (a huge max norm): Adam's first step then moves each element by ~lr * sign(grad).
+    algo = AlgoConfig(lr=actor_lr, critic_lr=critic_lr, max_grad_norm=1e9)
+
+    def refusal(model: torch.nn.Module) -> str:
+        try:
+            param_groups(model, algo)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        torch.manual_seed(0)
+        errors = []
+        if kind == "gaussian_mlp":
+            spec = {"state": ((4,), "float32")}
+            policy = build_policy("gaussian_mlp", spec, action_dim=2, action_chunk=3, hidden_sizes=(32, 32))
+            obs, instructions = {"state": torch.randn(16, 4)}, None
+            critic_prefix = "critic."
+            # critic_lr with no trainable critic to apply it to must be refused, not silently ignored.
+            errors.append(refusal(torch.nn.Linear(2, 2)))  # no critic_parameters() at all
+            policy.critic.requires_grad_(False)
+            errors.append(refusal(policy))  # a frozen critic
+            policy.critic.requires_grad_(True)
+        else:
+            camera = "rgb/3rd_view_camera"
+            spec = {camera: ((32, 32, 3), "uint8"), "state": ((25,), "float32")}
+            policy = build_policy("vla", spec, 7, 2, preset="tiny")
+            obs = {
+                camera: torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8),
+                "state": torch.rand(4, 25) * 2 - 1,
+            }
+            instructions = ["put the cube on the plate"] * 4
+            critic_prefix = "model.value_head."
+        out = policy.act(obs, instructions)
+        names = {id(p): name for name, p in policy.named_parameters()}
+        engine = DeepSpeedEngine(policy, algo, zero_stage=zero_stage)
+        optimizer = engine.optimizer
+        # ZeRO 1/2 keep the original parameters of each group in bit16_groups (param_groups hold flat partitions).
+        group_params = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in optimizer.param_groups]
+        groups = [
+            {"name": g.get("name"), "lr": g["lr"], "params": sorted(names[id(p)] for p in params)}
+            for g, params in zip(optimizer.param_groups, group_params, strict=True)
+        ]
+        before = {name: p.detach().float().clone() for name, p in policy.named_parameters()}
+        logprobs, _entropy, values = policy.evaluate_actions(obs, out.action_chunk, instructions, out.extras)
+        engine.backward(-logprobs.mean() + values.pow(2).mean())
+        engine.step()
+        moved = {}
+        for group in groups:
+            steps = torch.cat(
+                [
+                    (p.detach().float() - before[n]).abs().flatten()
+                    for n, p in policy.named_parameters()
+                    if n in group["params"]
+                ]
+            )
+            steps = steps[steps > 0]
+            moved[group["name"]] = {
+                "count": int(steps.numel()),
+                "median": float(steps.median()),
+                "q90": float(steps.sort().values[int(0.9 * (steps.numel() - 1))]),
+                "max": float(steps.max()),
+            }
+        return {
+            "groups": groups,
+            "critic_names": sorted(n for n, p in policy.named_parameters() if n.startswith(critic_prefix)),
+            "trainable": sorted(n for n, p in policy.named_parameters() if p.requires_grad),
+            "moved": moved,
+            "errors": errors,
+            "lrs": [actor_lr, critic_lr],
+        }
+    finally:
+        dist.destroy_process_group()
+
+
 def _run(zero_stage: int, bf16: bool) -> dict[str, object]:
+    return _run_worker([str(zero_stage), str(int(bf16))])
+
+
+def _run_worker(args: list[str]) -> dict[str, object]:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -93,7 +184,7 @@ def _run(zero_stage: int, bf16: bool) -> dict[str, object]:
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [sys.executable, __file__, str(zero_stage), str(int(bf16))],
+        [sys.executable, __file__, *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -118,5 +209,35 @@ def test_ppo_update_through_deepspeed_changes_parameters(zero_stage: int, bf16: 
     assert result["grads_cleared"]
 
 
+@pytest.mark.parametrize(
+    ("kind", "zero_stage"), [("gaussian_mlp", 0), ("gaussian_mlp", 1), ("gaussian_mlp", 2), ("vla", 1)]
+)
+def test_critic_lr_gives_the_value_head_its_own_param_group(kind: str, zero_stage: int) -> None:
+    result = _run_worker(["critic_lr", kind, str(zero_stage)])
+    actor_lr, critic_lr = result["lrs"]
+    groups = {g["name"]: g for g in result["groups"]}
+    assert list(groups) == ["actor", "critic"]
+    assert groups["actor"]["lr"] == pytest.approx(actor_lr)
+    assert groups["critic"]["lr"] == pytest.approx(critic_lr)
+    # Exactly the value head is in the critic group; every other trainable parameter is the actor's.
+    assert result["critic_names"] and groups["critic"]["params"] == result["critic_names"]
+    assert sorted(groups["actor"]["params"] + groups["critic"]["params"]) == result["trainable"]
+    # Adam's first step moves an element by lr * |g| / (|g| + eps): its group's lr, less where |g| is near eps (many
+    # of the VLA's elements), never more. Both groups at one lr would break the bound of one of them.
+    for name, lr in (("actor", actor_lr), ("critic", critic_lr)):
+        moved = result["moved"][name]
+        assert moved["count"] > 0, name
+        assert 0.9 * lr < moved["max"] <= 1.01 * lr, (name, moved)
+        assert moved["q90"] > 0.5 * lr, (name, moved)
+    if kind == "gaussian_mlp":  # no element's gradient is near eps here
+        assert all(0.5 * lr < result["moved"][n]["median"] for n, lr in (("actor", actor_lr), ("critic", critic_lr)))
+    if kind == "gaussian_mlp":
+        assert len(result["errors"]) == 2 and all("algo.critic_lr" in e for e in result["errors"]), result["errors"]
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_worker(int(sys.argv[1]), bool(int(sys.argv[2])))), flush=True)
+    if sys.argv[1] == "critic_lr":
+        result = _critic_lr_worker(sys.argv[2], int(sys.argv[3]))
+    else:
+        result = _worker(int(sys.argv[1]), bool(int(sys.argv[2])))
+    print("RESULT " + json.dumps(result), flush=True)

@@ -31,6 +31,17 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
     assert err.value.key == "algo.update_epochs"
 
 
+def test_critic_lr_defaults_to_none_and_overrides_parse() -> None:
+    assert load_config().algo.critic_lr is None
+    assert load_config(None, ["algo.critic_lr=1.55e-4"]).algo.critic_lr == pytest.approx(1.55e-4)
+    # PyYAML reads 1e-4 (no dot) as a string; float fields take it as the number it spells.
+    config = load_config(None, ["algo.critic_lr=1e-4", "algo.lr=3e-6"])
+    assert (config.algo.critic_lr, config.algo.lr) == (pytest.approx(1e-4), pytest.approx(3e-6))
+    assert load_config(None, ["algo.critic_lr=1.55e-4", "algo.critic_lr=null"]).algo.critic_lr is None
+    recipe = load_config(Path(__file__).parents[2] / "configs" / "gs_vla_ppo.yaml").algo
+    assert (recipe.lr, recipe.critic_lr) == (pytest.approx(7.9e-6), pytest.approx(1.55e-4))
+
+
 @pytest.mark.parametrize(
     ("override", "key", "fragment"),
     [
@@ -43,6 +54,9 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
         ("task.sim_freq=30", "task.sim_freq", "multiple of control_freq"),
         ("redis.max_stream_len=4", "redis.max_stream_len", "segments_per_update"),
         ("algo.normalize_advantages=maybe", "algo.normalize_advantages", "true or false"),
+        ("algo.critic_lr=0", "algo.critic_lr", "> 0"),
+        ("algo.critic_lr=-1.55e-4", "algo.critic_lr", "> 0"),
+        ("algo.critic_lr=fast", "algo.critic_lr", "matches none of"),
         ("bogus.key=1", "bogus", "unknown key"),
     ],
 )
@@ -70,3 +84,38 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
 def test_override_without_equals_is_refused() -> None:
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["algo.clip_ratio"])
+
+
+# ---------------------------------------------------------------- extends
+
+
+def test_extends_merges_the_child_over_its_parent_key_by_key(tmp_path) -> None:
+    (tmp_path / "base.yaml").write_text(
+        "run:\n  name: base\n  seed: 7\nalgo:\n  lr: 0.001\n  gamma: 0.9\npolicy:\n  hidden_sizes: [64, 64]\n"
+    )
+    (tmp_path / "variants").mkdir()
+    child = tmp_path / "variants" / "child.yaml"
+    child.write_text("extends: ../base.yaml\nrun:\n  name: child\npolicy:\n  hidden_sizes: [8]\n")
+    config = load_config(child, ["algo.gamma=0.5"])
+    assert config.run.name == "child" and config.run.seed == 7  # a section merged key by key
+    assert config.algo.lr == 0.001 and config.algo.gamma == 0.5  # the parent's values, then the overrides
+    assert tuple(config.policy.hidden_sizes) == (8,)  # lists are replaced whole, not merged
+
+
+def test_extends_chains_and_reports_cycles_and_missing_parents(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text("algo:\n  lr: 0.5\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nalgo:\n  gamma: 0.8\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\nrun:\n  seed: 3\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert (config.algo.lr, config.algo.gamma, config.run.seed) == (0.5, 0.8, 3)
+
+    (tmp_path / "x.yaml").write_text("extends: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("extends: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "x.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml.*extended by"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="must name a config file"):
+        load_config(tmp_path / "bad.yaml")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput
 from gsrl.policy.vla import flow
@@ -284,6 +284,11 @@ class VLAPolicy(Policy):
     def value(self, observations: dict[str, Tensor], instructions: list[str] | None = None) -> Tensor:
         with self._autocast(self._device()):
             return self.model.value(self.encode(observations, instructions)).float()
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The value head (``model.value_head``). It reads the LM's prefix outputs, which the actor's denoising
+        attends to as well, so SigLIP, projector and LM stay with the actor; so does Flow-Noise's noise head."""
+        return list(self.model.value_head.parameters())
 
     def _reduce(self, step_logp: Tensor, x1: Tensor) -> Tensor:
         prior = flow.standard_normal_logprob(x1, self.action_chunk, self.action_dim)
