@@ -78,9 +78,15 @@ class _Group:
     broken: bool = False
 
     def close(self) -> None:
-        """NCCL wants ``abort`` after a failure and ``shutdown`` otherwise; gloo accepts both."""
+        """``abort`` after a failure, and always for NCCL; ``shutdown`` for a healthy gloo group.
+
+        NCCL's ``shutdown`` finalizes the communicator, which waits on the other ranks; the peers of a weight group
+        leave on their own schedules (a learner stops while its policy servers keep serving), so a learner that
+        shut its NCCL group down hung at exit (seen on 2 x H100). Every broadcast has completed by then (each is
+        waited on), so ``abort``, which only frees this rank's side, loses nothing.
+        """
         try:
-            if self.broken:
+            if self.broken or self.device.type == "cuda":
                 self.pg.abort()
             else:
                 self.pg.shutdown()

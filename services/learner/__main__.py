@@ -58,7 +58,28 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl learner") -> int:
     except CheckpointError as exc:
         print(f"{prog}: cannot resume: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear DeepSpeed's group down before exit: left to the interpreter's teardown, NCCL may wait on ranks that have
+    already gone, and the process never exits. Every rank stops after the same update (the stop flag is
+    all-reduced), so they all get here; ``abort`` instead of a collective teardown keeps a lone survivor from
+    waiting on the others."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch >= 2.4
+        if dist.get_backend() == "nccl" and abort is not None:
+            abort()
+        else:
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - teardown at exit: report, never mask the run's own outcome
+        print(f"learner: process group teardown failed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

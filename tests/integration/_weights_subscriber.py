@@ -1,8 +1,8 @@
 """A policy-server stand-in for test_weights.py: one WeightSubscriber in its own process.
 
-Run as ``python _weights_subscriber.py REDIS_PORT KEY_PREFIX SUBSCRIBER_ID [--mismatch]``. It reports through the
-Redis list ``{prefix}:test:events:{id}`` (JSON: started / weights / refused / stopped) and stops once
-``{prefix}:test:stop:{id}`` exists, so the test needs no pipes and can SIGKILL it at any moment.
+Run as ``python _weights_subscriber.py REDIS_PORT KEY_PREFIX SUBSCRIBER_ID [--mismatch] [--device cuda:1]``.
+It reports through the Redis list ``{prefix}:test:events:{id}`` (JSON: started / weights / refused / stopped)
+and stops once ``{prefix}:test:stop:{id}`` exists, so the test needs no pipes and can SIGKILL it at any moment.
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def main() -> None:
     parser.add_argument("subscriber_id")
     parser.add_argument("--mismatch", action="store_true")
     parser.add_argument("--timeout-s", type=float, default=10.0)
+    parser.add_argument("--device", default="cpu", help="where delivered weights must live (cuda:N: NCCL groups)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.subscriber_id} %(levelname)s %(message)s"
     )
@@ -61,8 +65,9 @@ def main() -> None:
 
     def on_weights(tensors: dict[str, torch.Tensor], version: int) -> None:
         expected = make_state(version, mismatch=args.mismatch)
-        ok = tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
-        client.rpush(events, json.dumps({"event": "weights", "version": version, "ok": ok}))
+        ok = tensors.keys() == expected.keys() and all(torch.equal(tensors[k].cpu(), expected[k]) for k in expected)
+        devices = sorted({str(t.device) for t in tensors.values()})
+        client.rpush(events, json.dumps({"event": "weights", "version": version, "ok": ok, "devices": devices}))
 
     subscriber = WeightSubscriber(
         client,
@@ -70,6 +75,7 @@ def main() -> None:
         make_state(0, mismatch=args.mismatch),
         on_weights,
         key_prefix=args.key_prefix,
+        device=device,
         timeout_s=args.timeout_s,
         heartbeat_s=0.3,
         gloo_hostname="127.0.0.1",
