@@ -15,6 +15,7 @@ prices the services' CPU as well as their latency.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -58,7 +59,7 @@ class _Counter:
         self.value, self.changed_at = 0, time.monotonic()
 
     def poll(self) -> bool:
-        raw = self.client.get(self.key)
+        raw = self.client.get(self.key)  # a redis error here means the run is gone: _services reports why
         value = int(raw) if raw is not None else 0
         if value != self.value:
             self.value, self.changed_at = value, time.monotonic()
@@ -108,6 +109,10 @@ def _services(sizes: Sizes, tmp: Path) -> tuple[float, str]:
         steps, elapsed = counter.value - start_steps, counter.changed_at - start_at
         updates = _updates(client, prefix) - start_updates
         return steps / elapsed, f"{updates} learner updates in the {elapsed:.0f} s window"
+    except redis.RedisError as exc:  # the launcher stops its redis-server when a role fails: say which and why
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            train.wait(STOP_TIMEOUT_S)
+        raise RuntimeError(f"lost the run's Redis ({exc}); gsrl train exit code {train.poll()}:\n{_tail(log)}") from exc
     finally:
         if client is not None:
             client.close()

@@ -95,6 +95,7 @@ def probe_env_spec(task: TaskConfig) -> EnvSpec:
         reward_mode=task.reward_mode,
         sim_backend="physx_cpu",
         render_mode=None,
+        render_backend="none",  # probing needs no renderer; a CPU-placed role on a GPU host has no Vulkan device
     )
     try:
         obs, _info = env.reset(seed=0)

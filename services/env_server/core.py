@@ -130,6 +130,10 @@ class EnvBatch:
                         # sim_config is understood by every ManiSkill task, unlike task-specific frequency kwargs.
                         sim_config=dict(sim_freq=sim_freq, control_freq=control_freq),
                         success_mode=success_mode,
+                        # State tasks need no SAPIEN renderer, and an env server placed on the CPU of a GPU host
+                        # (CUDA hidden, no CPU Vulkan driver) crashes creating one. The splat observer reads the
+                        # scene's lights from SAPIEN's render system, so splat tasks keep it (they run on a GPU).
+                        **({} if splat_rendered else {"render_backend": "none"}),
                     )
                 )
             if splat_rendered:

@@ -175,3 +175,11 @@ def test_closed_batch_refuses_to_step() -> None:
     envs.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         envs.reset()
+
+
+def test_state_tasks_build_no_sapien_renderer(batch: EnvBatch) -> None:
+    """An env server placed on the CPU of a GPU host has no Vulkan device, and SAPIEN crashed creating a renderer
+    there (exit -11 in `gsrl train` on an H100 host, placement `separate`). State observations need none."""
+    for env in batch._envs:
+        assert env.unwrapped.backend.render_backend == "none"
+        assert env.unwrapped.backend.render_device is None
