@@ -216,6 +216,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     parser.add_argument("--num-envs", type=int, default=None, help="envs run together (default env_server.num_envs)")
     parser.add_argument("--seed", type=int, default=None, help=f"layout seed (default run.seed + {EVAL_SEED_OFFSET})")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the policy runs: cpu, cuda, cuda:N (default policy_server.device, the run's serving device)",
+    )
     parser.add_argument("--json", metavar="OUT", default=None, help="write the results (and what was run) as JSON")
     parser.add_argument(
         "--videos",
@@ -233,6 +238,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
         weights_file = resolve_weights_file(args.checkpoint)
     except FileNotFoundError as exc:
         parser.error(str(exc))
+    device = args.device or config.policy_server.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"policy device {device!r} (--device or policy_server.device) but CUDA is not available here")
     num_envs = config.env_server.num_envs if args.num_envs is None else args.num_envs
     seed = config.run.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics dominates; keep one core per process
@@ -250,7 +258,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
                 file=sys.stderr,
             )
             return 2
-        log.info("loaded %s; evaluating %d episodes on %d envs (seed %d)", weights_file, args.episodes, num_envs, seed)
+        policy.to(device)  # a VLA on one CPU thread decides a few times a second; the run serves it from its GPU
+        log.info(
+            "loaded %s on %s; evaluating %d episodes on %d envs (seed %d)",
+            weights_file,
+            device,
+            args.episodes,
+            num_envs,
+            seed,
+        )
         recorder = None
         image_keys = sorted(k for k in batch.observation_spec if k.startswith("rgb/"))
         if args.videos and image_keys:
