@@ -302,6 +302,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             "deterministic": not args.stochastic,
             "num_envs": num_envs,
             "seed": seed,
+            "device": device,
             "config": config.to_dict(),
             "result": asdict(result),
             "success_once_ci95": [low, high],

@@ -97,6 +97,7 @@ def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     report = json.loads(out.read_text())
     assert report["checkpoint"] == str(checkpoint / "model.safetensors")
     assert report["deterministic"] is True and report["seed"] == 11 and report["num_envs"] == 2
+    assert report["device"] == "cpu"  # policy_server.device's default
     assert report["config"]["task"]["max_episode_steps"] == STEPS
     result = report["result"]
     assert result["episodes"] == 2 and result["episode_lengths"] == [STEPS, STEPS]
@@ -108,6 +109,16 @@ def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     # The file itself works as --checkpoint too.
     file_args = ["--checkpoint", str(checkpoint / "model.safetensors"), "--episodes", "1", "--num-envs", "1"]
     assert main([*file_args, *OVERRIDES]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")  # never read: the device is checked first
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--checkpoint", str(checkpoint), "--device", "cuda", *OVERRIDES])
+    assert exc_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make_path", [lambda d: d / "missing", lambda d: d, lambda d: d / "missing.safetensors"])
