@@ -65,6 +65,10 @@ class Sizes:
     loop_overrides: tuple[str, ...]  # on top of configs/state_ppo.yaml, for the whole-loop run and its baseline
     loop_warmup_s: float  # after the first env steps are counted, before the window opens
     loop_window_s: float
+    vla_presets: tuple[str, ...]  # VLA presets of the VLA policy-server rows (on a CPU box: tiny only)
+    vla_envs: tuple[int, ...]  # Rollout batch sizes of those rows
+    vla_act_calls: int
+    vla_rollout_steps: int
 
 
 # The smallest whole loop that still runs every role (as tests/_tiny_run.py, which the bench cannot import).
@@ -96,6 +100,10 @@ SIZES = {
         loop_overrides=_TINY_LOOP,
         loop_warmup_s=1.0,
         loop_window_s=3.0,
+        vla_presets=("tiny",),
+        vla_envs=(4,),
+        vla_act_calls=5,
+        vla_rollout_steps=3,
     ),
     "default": Sizes(
         name="default",
@@ -114,6 +122,10 @@ SIZES = {
         loop_overrides=(),  # configs/state_ppo.yaml as `make run` trains it: 2 env servers x 4 envs
         loop_warmup_s=5.0,
         loop_window_s=20.0,
+        vla_presets=("tiny",),
+        vla_envs=(16,),
+        vla_act_calls=20,
+        vla_rollout_steps=10,
     ),
     "full": Sizes(
         name="full",
@@ -134,6 +146,10 @@ SIZES = {
         loop_overrides=("env_server.num_servers=4", "learner.broadcast_backend=gloo"),
         loop_warmup_s=10.0,
         loop_window_s=60.0,
+        vla_presets=("small", "pi05"),
+        vla_envs=(16, 64),
+        vla_act_calls=20,
+        vla_rollout_steps=8,
     ),
 }
 

@@ -19,6 +19,7 @@ ROWS = {
     "pipelined env stages": 2,  # K=2 vs K=1, plain and with a simulated inference delay
     "whole loop": 1,
     "policy server": 7,  # Act + p50/p99, then per rollout size: rate, batching efficiency, p50/p99
+    "VLA policy server": 7,  # the same for the tiny VLA preset on the CPU, at 4 envs
     "trajectory transport": 4,
     "tensor codec": 2,
     "weight broadcast": 3,  # delivery, publish() wall time, the background snapshot
