@@ -7,6 +7,7 @@ gsrl splat table | render | fit | align [...]         the Real2Sim tools (fit an
 gsrl collect | sft [-c run.yaml] [...]                expert demonstrations (LeRobot dataset); SFT of the VLA
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
 gsrl check [-c run.yaml] [overrides] [--steps N]      build env + policy, run steps end to end, ping services
+gsrl curve RUN_DIR --out curve.png [--eval L=J ...]   a run's learning curve, with eval results marked
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ COMMANDS = {
     "status": ("gsrl.k8s_status", "Show a cluster run's pods per role: readiness, restarts, GPUs, key metrics."),
     "collect": ("gsrl.collect", "Record scripted-expert demonstrations as a LeRobot dataset (SFT data)."),
     "sft": ("services.learner.sft", "Supervised fine-tuning of the VLA on demonstrations (flow matching, DeepSpeed)."),
+    "curve": ("gsrl.curves", "Draw a run's learning curve (training success, return, eval points) as a PNG."),
     "check": ("gsrl.check", "Check env, policy, checkpoint and services fit: a few steps end to end, PASS/FAIL."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }
