@@ -1,0 +1,65 @@
+#!/bin/bash
+# The GPU figures of docs/benchmarks.md on a host with 2 GPUs, from the repo root, detached:
+#   setsid nohup bash scripts/gpu_campaign.sh > /tmp/campaign.out 2>&1 < /dev/null &
+# Track A (GPU 0, first half of the cores): GPU tests, then `python -m bench --full` stage by stage until a deadline.
+# Track B (GPU 1, second half): scripts/vla_sft_rl.sh (collect, SFT, eval, PPO 1-GPU, eval, curve) + GPU use per role.
+# Then both GPUs: the NCCL weight-broadcast bench and the 2-GPU run (gs_vla_ppo_2gpu) on track B's cores.
+set -u
+# Run from a private copy: later device calls re-sync the working tree under the repo root.
+rm -rf /tmp/repo && mkdir -p /tmp/repo && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . | tar xf - -C /tmp/repo && cd /tmp/repo
+R=${RESULTS:-/tmp/results}; mkdir -p $R/bench
+[ -f /tmp/gsrl-device.env ] && source /tmp/gsrl-device.env  # the device tool's setup (../shared/device)
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+log() { echo "$(date +%T) +$((SECONDS - T0))s $*" | tee -a $R/campaign.log; }
+NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); HALF=$((NCPU / 2))
+A_CPUS=0-$((HALF - 1)); B_CPUS=$HALF-$((NCPU - 1))
+A_DEADLINE=${A_DEADLINE:-660}
+RL_SECONDS=${RL_SECONDS:-300}
+RUN2_SECONDS=${RUN2_SECONDS:-150}
+# PPO batches of 16 segments (x 8 envs x 4 chunks = 512 chunk samples): a few minutes hold more than a handful of updates
+RUN_OVERRIDES=${RUN_OVERRIDES:-}
+log "gpus=$NGPU cpus=$NCPU A=$A_CPUS B=$B_CPUS"
+nvidia-smi > $R/nvidia-smi.txt 2>&1; nvidia-smi topo -m > $R/topo.txt 2>&1
+for _ in $(seq 240); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
+log "gsplat: $(tail -1 /tmp/gsplat-build.log)"
+
+sample_roles() {  # sample_roles RUN_DIR GPUS OUT: GPU use per role, 75 s after the run's first env steps
+  for _ in $(seq 1500); do [ -f "$1/config.yaml" ] && break; sleep 1; done
+  sleep 60; python3 -m bench.gpu_roles --seconds 60 --gpus "$2" --out "$3" > /dev/null 2>&1
+  log "roles sampled -> $3"
+}
+
+trackA() {
+  [ -n "${SKIP_PYTEST:-}" ] || timeout -k 10 360 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q -rs tests/gpu \
+    tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
+  log "A: pytest gpu rc=$? $(tail -1 $R/pytest-gpu.log)"
+  export CUDA_VISIBLE_DEVICES=0
+  for st in ${A_STAGES:-whole_loop transport codec gs_render env_server policy_server pipeline}; do
+    if (( SECONDS - T0 > A_DEADLINE )); then log "A: $st skipped (deadline)"; continue; fi
+    timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
+    log "A: $st rc=$?"
+  done
+}
+
+trackB() {
+  export CUDA_VISIBLE_DEVICES=1
+  sample_roles $R/vla/rl 1 $R/gpu-roles-1gpu.json &
+  OUT=$R/vla DEMOS=${DEMOS:-100} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-500} SFT_BATCH=32 EVAL_EPISODES=100 \
+    EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
+    timeout -k 10 1300 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1
+  log "B: vla pipeline rc=$? $(tr '\n' ' ' < $R/vla/timings.tsv)"
+  wait
+}
+
+trackA & trackB & wait
+export CUDA_VISIBLE_DEVICES=0,1
+timeout -k 10 300 python3 -m bench --full --only weights --out $R/bench/weights > $R/bench/weights.log 2>&1
+log "weights rc=$?"
+ckpt=(); [ -f $R/vla/sft/model.safetensors ] && ckpt=(policy.checkpoint=$R/vla/sft)
+sample_roles $R/run2gpu 0,1 $R/gpu-roles-2gpu.json &
+timeout -k 10 $((RUN2_SECONDS + 240)) taskset -c $B_CPUS python3 -m gsrl.cli train -c gs_vla_ppo_2gpu \
+  --run-dir $R/run2gpu "${ckpt[@]}" run.duration_s=$RUN2_SECONDS $RUN_OVERRIDES > $R/run2gpu.log 2>&1
+log "2-GPU run rc=$?"
+wait
+log "DONE"; touch $R/DONE
