@@ -22,6 +22,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_block(count: int, attempts: int = 100) -> int:
+    """The first of ``count`` consecutive TCP ports that were all free a moment ago (on every interface).
+
+    For processes that derive ports from one base (env server ``i`` serves metrics on ``metrics_port + i``):
+    separate ``free_port()`` calls can return neighbours, so a base from one of them may run into another.
+    """
+    for _ in range(attempts):
+        base = free_port()
+        held: list[socket.socket] = []
+        try:
+            for offset in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind(("0.0.0.0", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
 class LocalRedis:
     """A redis-server child process bound to 127.0.0.1 with its data under ``data_dir``.
 

@@ -21,7 +21,7 @@ from _tiny_run import TINY_RUN
 
 from gsrl.config import dump_config, load_config
 from gsrl.launcher import Child, effective_config, spawn
-from gsrl.redis_server import LocalRedis, free_port
+from gsrl.redis_server import LocalRedis, free_port_block
 from gsrl.stream import StreamKeys, read_counter
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/helm/gsrl/dashboards/gsrl.json"
@@ -69,7 +69,9 @@ def scrape(port: int, metric: str) -> float:
 
 def test_scale_up_and_down_mid_run(tmp_path: Path) -> None:
     with LocalRedis(tmp_path / "redis") as local_redis:
-        metrics_port, learner_port, env_port = free_port(), free_port(), free_port()
+        # One block: env server i serves metrics on env_port + i, so separately drawn ports could collide.
+        base = free_port_block(6)
+        metrics_port, learner_port, env_port = base, base + 1, base + 2
         ports = [
             f"policy_server.metrics_port={metrics_port}",
             f"learner.metrics_port={learner_port}",

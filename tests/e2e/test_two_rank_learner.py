@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _tiny_run import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_UPDATES = 3
 
@@ -20,25 +22,15 @@ MAX_UPDATES = 3
 def test_two_learner_ranks_train_in_step_and_exit(tmp_path: Path) -> None:
     run_dir = tmp_path / "two-ranks"
     overrides = [
+        *TINY_RUN,  # 2 envs, 10-step episodes, 2 segments per update, no checkpoints or metrics ports
         "run.name=two-ranks",
         f"run.max_updates={MAX_UPDATES}",
         "run.duration_s=600",
-        "run.log_every_s=5",
         "env_server.num_servers=1",
-        "env_server.num_envs=2",
-        "task.max_episode_steps=12",
-        "policy.hidden_sizes=[32, 32]",
-        "policy_server.segment_length=4",
+        "policy_server.metrics_port=0",
         "learner.world_size=2",
         "learner.zero_stage=2",
-        "learner.segments_per_update=4",
         "redis.max_stream_len=16",
-        "algo.update_epochs=1",
-        "algo.num_minibatches=2",
-        "learner.checkpoint_every=0",
-        "learner.metrics_port=0",
-        "env_server.metrics_port=0",
-        "policy_server.metrics_port=0",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "gsrl.cli", "train", "-c", "state_ppo", "--run-dir", str(run_dir), *overrides],
