@@ -35,12 +35,11 @@ from gsrl.cli import add_config_arguments, add_redis_url_argument, parse_role_ar
 from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
 from gsrl.loggers import OPTIONAL_PACKAGES
-from gsrl.policy import ObservationSpec, Policy, PolicyOutput
+from gsrl.policy import ObservationSpec, Policy, PolicyOutput, load_model_weights
 from gsrl.tls import open_channel
 from gsrl.v1 import rollout_pb2
 from services.env_server.core import EnvBatch
 from services.env_server.evaluate import build_eval_policy, policy_observation_spec, resolve_weights_file
-from services.learner.checkpoint import load_model_weights
 
 log = logging.getLogger(__name__)
 

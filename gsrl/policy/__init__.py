@@ -7,6 +7,7 @@ from gsrl.policy.base import (
     available_policies,
     build_configured_policy,
     build_policy,
+    load_model_weights,
     load_weights_file,
     register_policy,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "available_policies",
     "build_configured_policy",
     "build_policy",
+    "load_model_weights",
     "load_weights_file",
     "register_policy",
 ]

@@ -13,6 +13,7 @@ import abc
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -137,14 +138,13 @@ def build_policy(
     return factory(observation_spec, action_dim=action_dim, action_chunk=action_chunk, **kwargs)
 
 
-def load_weights_file(policy: Policy, path: str) -> None:
-    """Load ``model.safetensors`` (a file, or a checkpoint directory holding one) into ``policy``, strictly.
+def load_model_weights(path: str | Path) -> dict[str, Tensor]:
+    """The state dict in ``model.safetensors``: ``path`` is the file or a checkpoint directory holding it.
 
-    How a policy server or a learner starts from a trained checkpoint (``policy.checkpoint``) instead of its
-    random initialisation; FileNotFoundError / RuntimeError name the path and the mismatching keys.
+    The one reader of a checkpoint's weights for every role (serving, evaluation, videos, checks, the learner's
+    resume), so what a checkpoint means is defined once and no service imports another's internals for it.
+    FileNotFoundError names the path.
     """
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     file = Path(path)
@@ -152,10 +152,20 @@ def load_weights_file(policy: Policy, path: str) -> None:
         file = file / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"policy checkpoint not found: {file}")
+    return load_file(str(file))
+
+
+def load_weights_file(policy: Policy, path: str | Path) -> None:
+    """Load ``model.safetensors`` (a file, or a checkpoint directory holding one) into ``policy``, strictly.
+
+    How a policy server or a learner starts from a trained checkpoint (``policy.checkpoint``) instead of its
+    random initialisation; FileNotFoundError / RuntimeError name the path and the mismatching keys.
+    """
+    state = load_model_weights(path)
     try:
-        policy.load_state_dict(load_file(str(file)))
+        policy.load_state_dict(state)
     except RuntimeError as exc:
-        raise RuntimeError(f"{file} does not fit this policy: {exc}") from exc
+        raise RuntimeError(f"{path} does not fit this policy: {exc}") from exc
 
 
 def build_configured_policy(policy: PolicyConfig, observation_spec: ObservationSpec, action_dim: int) -> Policy:

@@ -31,10 +31,9 @@ import torch
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config
 from gsrl.env_spec import wire_dtype_name
-from gsrl.policy import ObservationSpec, Policy, build_policy
+from gsrl.policy import ObservationSpec, Policy, build_policy, load_model_weights
 from services.env_server.core import EnvBatch
 from services.env_server.recorder import EpisodeRecorder
-from services.learner.checkpoint import load_model_weights
 
 log = logging.getLogger(__name__)
 

@@ -203,8 +203,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl render") -> int:
                 seed = int(data["seed"])
     elif args.checkpoint:
         from gsrl.env_spec import probe_env_spec
+        from gsrl.policy import load_model_weights
         from services.env_server.evaluate import resolve_weights_file
-        from services.learner.checkpoint import load_model_weights
 
         try:
             weights = resolve_weights_file(args.checkpoint)

@@ -24,8 +24,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from gsrl.policy import load_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,6 @@ def load_checkpoint(path: str | Path, engine) -> CheckpointMeta:
         raise CheckpointError(f"checkpoint {path} does not load: {type(exc).__name__}: {exc}") from exc
     log.info("resumed from %s: %d updates, policy version %d", path, meta.updates, meta.policy_version)
     return meta
-
-
-def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights only (for serving or evaluation): ``path`` is a checkpoint dir or a .safetensors file."""
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    return load_file(str(file))
 
 
 def resume_latest(run_dir: str | Path, engine) -> CheckpointMeta | None:
