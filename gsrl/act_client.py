@@ -31,7 +31,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gsrl.v1 import rollout_pb2, rollout_pb2_grpc, tensor_pb2
-from gsrl.wire_dtypes import DTYPE_BY_NUMPY, NUMPY_BY_DTYPE
+from gsrl.wire_dtypes import NUMPY_BY_DTYPE, encode_numpy
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -127,15 +127,8 @@ def _to_wire(value: np.ndarray) -> np.ndarray:
 
 
 def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
-    """numpy array -> ``gsrl.v1.Tensor`` with exactly gsrl.codec.encode's bytes (little-endian, C order)."""
-    array = np.asarray(array)
-    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
-    if dtype is None:
-        raise TypeError(f"cannot encode numpy dtype {array.dtype}")
-    wire = NUMPY_BY_DTYPE[dtype]
-    if array.dtype != wire:  # big-endian input
-        array = array.astype(wire)
-    return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
+    """numpy array -> ``gsrl.v1.Tensor`` with exactly gsrl.codec.encode's bytes (both use ``encode_numpy``)."""
+    return encode_numpy(array)
 
 
 def decode_tensor(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:

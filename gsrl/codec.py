@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gsrl.v1 import tensor_pb2
-from gsrl.wire_dtypes import DTYPE_BY_NUMPY, NUMPY_BY_DTYPE
+from gsrl.wire_dtypes import NUMPY_BY_DTYPE, encode_numpy
 
 # Refuse absurd sizes before allocating: 2 GiB is far above any observation or segment.
 MAX_TENSOR_BYTES = 2 << 30
@@ -68,14 +68,7 @@ def encode(array: np.ndarray | torch.Tensor) -> tensor_pb2.Tensor:
         if not _NATIVE_IS_WIRE:
             view = view.astype(view.dtype.newbyteorder("<"))
         return tensor_pb2.Tensor(dtype=dtype, shape=view.shape, data=view.tobytes())
-    array = np.asarray(array)
-    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
-    if dtype is None:
-        raise TypeError(f"cannot encode numpy dtype {array.dtype}")
-    wire = NUMPY_BY_DTYPE[dtype]
-    if array.dtype != wire:  # big-endian input
-        array = array.astype(wire)
-    return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
+    return encode_numpy(array)
 
 
 def _checked(message: tensor_pb2.Tensor, name: str) -> tuple[int, list[int], bytes]:

@@ -1,4 +1,5 @@
-"""The wire's dtypes as numpy dtypes: the one table ``gsrl.codec`` and the torch-free ``gsrl.act_client`` share.
+"""The wire's dtypes as numpy dtypes, and numpy encoding: what ``gsrl.codec`` and the torch-free ``gsrl.act_client``
+share.
 
 Kept free of torch so a robot-side client can encode and decode tensors exactly as the servers do.
 """
@@ -23,3 +24,15 @@ NUMPY_BY_DTYPE: dict[int, np.dtype] = {
 }
 # Keyed by (kind, itemsize) so big-endian and native arrays map to the same wire dtype.
 DTYPE_BY_NUMPY = {(v.kind, v.itemsize): k for k, v in NUMPY_BY_DTYPE.items()}
+
+
+def encode_numpy(array: np.ndarray) -> tensor_pb2.Tensor:
+    """numpy array -> ``gsrl.v1.Tensor``: little-endian, C order (``tobytes`` copies a strided view into C order)."""
+    array = np.asarray(array)
+    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
+    if dtype is None:
+        raise TypeError(f"cannot encode numpy dtype {array.dtype}")
+    wire = NUMPY_BY_DTYPE[dtype]
+    if array.dtype != wire:  # big-endian input
+        array = array.astype(wire)
+    return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
