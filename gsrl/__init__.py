@@ -1,0 +1,14 @@
+"""gsrl: online RL fine-tuning of VLA policies in ManiSkill scenes rendered with 3D Gaussian Splatting.
+
+Importing the package turns gRPC's fork support off (unless the environment already sets it). With it on, grpcio
+1.81+ restarts its epoll poller in every child that ``subprocess.Popen`` forks from a process that has used gRPC;
+the poller then hits the descriptors Popen closes before ``exec`` (EBADF) and can kill the child first
+(grpc/grpc#43055). That is how ffmpeg, spawned to write episode videos, died now and then in env servers, ``gsrl
+eval`` and the test process (BrokenPipe, with "epoll_wait error: Bad file descriptor" in its stderr). gsrl forks
+only to exec another program and never uses gRPC in a forked child, so the fork handlers have nothing to do. It is
+set here because every role imports ``gsrl`` before it imports ``grpc``, and gRPC reads it at initialisation.
+"""
+
+import os
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
