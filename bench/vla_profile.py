@@ -73,10 +73,25 @@ def profile_case(name: str, batch: int, fn: Callable[[], object], device: torch.
     )
 
 
-def run(preset: str, device: torch.device, batches: list[int], train_batch: int, calls: int) -> list[CaseProfile]:
+def compile_model(policy: VLAPolicy, mode: str) -> None:
+    """Swaps the model's three hot functions for ``torch.compile``d ones (static shapes: one graph per batch).
+
+    A probe of what graph capture buys over eager dispatch, not a serving path: ``mode`` is torch.compile's
+    (``default`` fuses kernels, ``reduce-overhead`` also replays them as CUDA graphs).
+    """
+    model = policy.model
+    for name in ("encode_prefix", "predict_velocity", "forward_joint"):
+        setattr(model, name, torch.compile(getattr(model, name), mode=mode, dynamic=False))
+
+
+def run(
+    preset: str, device: torch.device, batches: list[int], train_batch: int, calls: int, compile_mode: str = ""
+) -> list[CaseProfile]:
     torch.manual_seed(0)
     load = workload(preset)
     policy = VLAPolicy(load.spec.observation_spec, ACTION_DIM, CHUNK, preset=preset, **POLICY_SETTINGS).to(device)
+    if compile_mode:
+        compile_model(policy, compile_mode)
     results = []
     for batch in batches:
         obs = {k: torch.from_numpy(v).to(device) for k, v in load.observations(batch, batch).items()}
@@ -124,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,16,64", help="act batch sizes, comma-separated (default 1,16,64)")
     parser.add_argument("--train-batch", type=int, default=32, help="SFT step batch (0: skip; default 32)")
     parser.add_argument("--calls", type=int, default=5, help="timed and profiled calls per case (default 5)")
+    parser.add_argument(
+        "--compile",
+        default="",
+        choices=["", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile the model's prefix, velocity and joint passes in this mode first (default: eager)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
@@ -136,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.vla_profile: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    results = run(args.preset, device, batches, args.train_batch, args.calls)
-    print(f"VLA {args.preset} on {device}")
+    results = run(args.preset, device, batches, args.train_batch, args.calls, args.compile)
+    print(f"VLA {args.preset} on {device}, {'torch.compile ' + args.compile if args.compile else 'eager'}")
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

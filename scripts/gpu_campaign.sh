@@ -15,7 +15,7 @@ log() { echo "$(date +%T) +$((SECONDS - T0))s $*" | tee -a $R/campaign.log; }
 NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); HALF=$((NCPU / 2))
 A_CPUS=0-$((HALF - 1)); B_CPUS=$HALF-$((NCPU - 1))
 A_DEADLINE=${A_DEADLINE:-660}
-RL_SECONDS=${RL_SECONDS:-300}
+RL_SECONDS=${RL_SECONDS:-360}
 RUN2_SECONDS=${RUN2_SECONDS:-150}
 # PPO batches of 16 segments (x 8 envs x 4 chunks = 512 chunk samples): a few minutes hold more than a handful of updates
 RUN_OVERRIDES=${RUN_OVERRIDES:-}
@@ -30,7 +30,20 @@ sample_roles() {  # sample_roles RUN_DIR GPUS OUT: GPU use per role, 75 s after 
   log "roles sampled -> $3"
 }
 
+choose_precision() {  # the PPO runs' precision: the first set-up whose ratio at unchanged weights clips < 2 %
+  timeout -k 10 300 taskset -c $A_CPUS python3 -m bench.vla_ratio --preset small --json $R/ratio.json > $R/ratio.log 2>&1
+  python3 - $R/ratio.json > $R/rl_overrides <<'PY' || : > $R/rl_overrides
+import json, sys
+overrides = {"bf16 learner": "", "bf16 autocast": "learner.bf16=false",
+             "fp32": "policy.bf16_autocast=false learner.bf16=false"}
+rows = json.load(open(sys.argv[1]))
+print(next((overrides[r["setup"]] for r in rows if r["clipped_fraction"] < 0.02), overrides["fp32"]))
+PY
+  log "A: ratio probe -> RL overrides '$(cat $R/rl_overrides)' $(tr '\n' ' ' < $R/ratio.log | tail -c 600)"
+}
+
 trackA() {
+  CUDA_VISIBLE_DEVICES=0 choose_precision
   [ -n "${SKIP_PYTEST:-}" ] || timeout -k 10 360 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q -rs tests/gpu \
     tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
   log "A: pytest gpu rc=$? $(tail -1 $R/pytest-gpu.log)"
@@ -40,13 +53,21 @@ trackA() {
     timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
     log "A: $st rc=$?"
   done
+  for mode in eager default reduce-overhead; do  # what graph capture would buy the launch-bound VLA forward
+    if (( SECONDS - T0 > A_DEADLINE + 240 )); then log "A: vla_profile $mode skipped (deadline)"; continue; fi
+    flag=(); [ $mode = eager ] || flag=(--compile $mode)
+    timeout -k 10 400 taskset -c $A_CPUS python3 -m bench.vla_profile --preset small --calls 5 "${flag[@]}" \
+      --json $R/bench/vla_profile-$mode.json > $R/bench/vla_profile-$mode.log 2>&1
+    log "A: vla_profile $mode rc=$? $(grep -E '^(act|sft)' $R/bench/vla_profile-$mode.log | tr -s ' ' | tr '\n' '|')"
+  done
 }
 
 trackB() {
   export CUDA_VISIBLE_DEVICES=1
   sample_roles $R/vla/rl 1 $R/gpu-roles-1gpu.json &
-  OUT=$R/vla DEMOS=${DEMOS:-100} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-500} SFT_BATCH=32 EVAL_EPISODES=100 \
-    EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
+  OUT=$R/vla DEMOS=${DEMOS:-100} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-600} SFT_BATCH=${SFT_BATCH:-64} \
+    EVAL_EPISODES=100 EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
+    RL_OVERRIDES_FILE=$R/rl_overrides \
     timeout -k 10 1300 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1
   log "B: vla pipeline rc=$? $(tr '\n' ' ' < $R/vla/timings.tsv)"
   wait
@@ -59,7 +80,8 @@ log "weights rc=$?"
 ckpt=(); [ -f $R/vla/sft/model.safetensors ] && ckpt=(policy.checkpoint=$R/vla/sft)
 sample_roles $R/run2gpu 0,1 $R/gpu-roles-2gpu.json &
 timeout -k 10 $((RUN2_SECONDS + 240)) taskset -c $B_CPUS python3 -m gsrl.cli train -c gs_vla_ppo_2gpu \
-  --run-dir $R/run2gpu "${ckpt[@]}" run.duration_s=$RUN2_SECONDS $RUN_OVERRIDES > $R/run2gpu.log 2>&1
+  --run-dir $R/run2gpu "${ckpt[@]}" run.duration_s=$RUN2_SECONDS $RUN_OVERRIDES $(cat $R/rl_overrides 2>/dev/null) \
+  > $R/run2gpu.log 2>&1
 log "2-GPU run rc=$?"
 wait
 log "DONE"; touch $R/DONE

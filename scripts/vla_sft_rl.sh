@@ -18,6 +18,7 @@ EVAL_EPISODES=${EVAL_EPISODES:-100}
 EVAL_ENVS=${EVAL_ENVS:-25}
 RL_SECONDS=${RL_SECONDS:-1800}
 OVERRIDES=${OVERRIDES:-}            # section.key=value ... applied to every step
+RL_OVERRIDES_FILE=${RL_OVERRIDES_FILE:-}  # a file of more overrides for the PPO step, read when that step starts
 GSRL=${GSRL:-python3 -m gsrl.cli}
 read -r -a overrides <<<"$OVERRIDES"
 mkdir -p "$OUT"
@@ -37,8 +38,10 @@ step() {  # step NAME command...: run it, log its output, record its wall time
   --steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --lr "$SFT_LR" "${overrides[@]}"
 step eval-sft $GSRL eval -c "$CONFIG" --checkpoint "$OUT/sft" --episodes "$EVAL_EPISODES" --num-envs "$EVAL_ENVS" \
   --json "$OUT/eval-sft.json" "${overrides[@]}"
+rl_overrides=()
+if [ -n "$RL_OVERRIDES_FILE" ] && [ -s "$RL_OVERRIDES_FILE" ]; then read -r -a rl_overrides <"$RL_OVERRIDES_FILE" || true; fi
 step rl $GSRL train -c "$CONFIG" --run-dir "$OUT/rl" "policy.checkpoint=$OUT/sft" "run.duration_s=$RL_SECONDS" \
-  "${overrides[@]}"
+  "${overrides[@]}" "${rl_overrides[@]}"
 last=$(ls -d "$OUT"/rl/checkpoints/update_* | sort | tail -1)
 step eval-rl $GSRL eval -c "$CONFIG" --checkpoint "$last" --episodes "$EVAL_EPISODES" --num-envs "$EVAL_ENVS" \
   --json "$OUT/eval-rl.json" --videos 2 "${overrides[@]}"
