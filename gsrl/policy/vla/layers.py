@@ -23,6 +23,10 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm, app
 
 from gsrl.policy.vla.config import StreamConfig
 
+# cuDNN's fused attention failed on an H100 (torch 2.x, `mha_graph.execute(...).is_good()`) for the masked prefix
+# attention at some batch sizes (25 envs in `gsrl eval`); the efficient and flash kernels serve the same masks.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 def gemma_config(stream: StreamConfig, vocab_size: int, rope_theta: float, eps: float) -> GemmaConfig:
     """A ``transformers.GemmaConfig`` for one stream (used for GemmaMLP and the rotary embedding)."""
