@@ -25,7 +25,16 @@ import redis
 
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config, ConfigError, dump_config
-from gsrl.placement import ENV_SERVER, LEARNER, POLICY_SERVER, GpuPlan, plan_for, visible_gpu_names
+from gsrl.placement import (
+    ENV_SERVER,
+    LEARNER,
+    POLICY_SERVER,
+    GpuPlan,
+    plan_for,
+    renders_with_sapien,
+    visible_gpu_names,
+    without_vulkan_drivers,
+)
 from gsrl.redis_conn import configure_local, connect
 from gsrl.redis_server import LocalRedis, free_port
 from gsrl.stream import StreamKeys, read_counter
@@ -98,11 +107,47 @@ def gpu_plan(config: Config, environ: Mapping[str, str]) -> tuple[GpuPlan, list[
     return plan_for(config, count), names[:count]
 
 
-def with_gpus(env: dict[str, str], plan: GpuPlan, names: list[str], role: str, index: int) -> dict[str, str]:
-    """A child's environment with its ``CUDA_VISIBLE_DEVICES`` from the plan; unchanged on a machine without GPUs."""
+def with_gpus(
+    env: dict[str, str], plan: GpuPlan, names: list[str], role: str, index: int, *, renders: bool = False
+) -> dict[str, str]:
+    """A child's environment with its ``CUDA_VISIBLE_DEVICES`` from the plan; unchanged on a machine without GPUs.
+
+    A child placed on the CPU of a GPU host also gets no Vulkan driver unless it ``renders`` with SAPIEN
+    (``gsrl.placement.without_vulkan_drivers``): SAPIEN would otherwise open the NVIDIA Vulkan driver with CUDA
+    hidden, as the state env servers did that died with signal 11 on an H100 host. A machine without GPUs keeps
+    its Vulkan drivers (Mesa's CPU driver there is what renders).
+    """
     if plan.num_gpus == 0:
         return env
-    return {**env, "CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices(role, index, names)}
+    child = {**env, "CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices(role, index, names)}
+    if not plan.devices(role, index) and not renders:
+        child = without_vulkan_drivers(child)
+    return child
+
+
+def child_environment(environ: Mapping[str, str], redis_url: str, run_dir: Path) -> dict[str, str]:
+    """The environment every child starts from: this process's, the run's Redis and directory, one thread, and
+    ``PYTHONFAULTHANDLER`` so a crash in native code (SAPIEN, a GPU driver) writes the Python stack of every thread
+    into the role's log instead of leaving it empty."""
+    return {
+        **environ,
+        "GSRL_REDIS_URL": redis_url,
+        "GSRL_RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
+
+
+def describe_exit(returncode: int) -> str:
+    """``code 1``, or for a child killed by a signal ``code -11 (SIGSEGV: killed by a signal; ...)``."""
+    if returncode >= 0:
+        return f"code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"code {returncode} ({name}: killed by a signal; a native crash prints the Python stack in its log)"
 
 
 def spawn(role: str, name: str, args: list[str], env: dict[str, str], logs: Path) -> Child:
@@ -209,16 +254,11 @@ def train(config: Config, run_dir: Path) -> int:
         config = config.with_overrides(["learner.broadcast_backend=gloo"])
     if plan.num_gpus:
         log.info("GPU placement %s over %d GPU(s): %s", plan.preset, plan.num_gpus, plan.describe())
+        log.info("roles placed on the CPU see no GPU and, unless they render with SAPIEN, no Vulkan driver")
     dump_config(config, run_dir / "config.yaml")
     redis_url = f"redis://{config.redis.host}:{redis_port}/{config.redis.db}"
     client = connect(redis_url, config.redis.password)
-    env = {
-        **os.environ,
-        "GSRL_REDIS_URL": redis_url,
-        "GSRL_RUN_DIR": str(run_dir),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = child_environment(os.environ, redis_url, run_dir)
     common = ["--config", str(run_dir / "config.yaml")]
     fleet = Fleet()
     stopping = False
@@ -253,7 +293,7 @@ def train(config: Config, run_dir: Path) -> int:
             spawn("policy_server", "policy-server-0", [*common, "--id", "policy-0"], policy_env, logs)
         )
         for i in range(config.env_server.num_servers):
-            env_i = with_gpus(env, plan, gpu_names, ENV_SERVER, i)
+            env_i = with_gpus(env, plan, gpu_names, ENV_SERVER, i, renders=renders_with_sapien(config, ENV_SERVER))
             fleet.children.append(
                 spawn("env_server", f"env-server-{i}", [*common, "--index", str(i), "--id", f"env-{i}"], env_i, logs)
             )
@@ -269,7 +309,10 @@ def train(config: Config, run_dir: Path) -> int:
                 if failed:
                     exit_code = 1
                     log.error(
-                        "%s exited with code %d:\n%s", failed[0].name, failed[0].process.returncode, failed[0].tail()
+                        "%s exited with %s:\n%s",
+                        failed[0].name,
+                        describe_exit(failed[0].process.returncode),
+                        failed[0].tail(),
                     )
                 else:
                     log.info("learner finished")
@@ -277,7 +320,9 @@ def train(config: Config, run_dir: Path) -> int:
             dead = [c for c in fleet.children if c.role != "learner" and c.process.poll() is not None]
             if dead:
                 exit_code = 1
-                log.error("%s exited with code %d:\n%s", dead[0].name, dead[0].process.returncode, dead[0].tail())
+                log.error(
+                    "%s exited with %s:\n%s", dead[0].name, describe_exit(dead[0].process.returncode), dead[0].tail()
+                )
                 break
             if time.monotonic() >= next_line:
                 print(progress.line(), flush=True)

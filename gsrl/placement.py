@@ -14,6 +14,12 @@ sees, and turns them into ``CUDA_VISIBLE_DEVICES`` values. The Helm chart makes 
 - ``hybrid``: the learner ranks get the last ``world_size`` GPUs; env and policy servers share the rest, dealt as in
   ``shared``.
 
+A process placed on the CPU of a GPU host sees no GPU through CUDA and, unless it renders with SAPIEN (a
+splat-rendered env server), no Vulkan driver either (``without_vulkan_drivers``): SAPIEN probes Vulkan even for
+CPU physics (``sapien.Device("cpu")``, which ManiSkill calls for every env, enumerates the Vulkan devices), and a
+state env server that reached the NVIDIA Vulkan driver with its CUDA devices hidden died with signal 11 on an H100
+host. With no driver at all, SAPIEN's device probe finds none and CPU physics runs.
+
 Learner ranks always see their role's GPUs in order and pick theirs with ``LOCAL_RANK`` (what torchrun and the
 learner's ``torch.cuda.set_device(LOCAL_RANK)`` expect), so they need one GPU each: NCCL refuses two ranks on one
 device. Env and policy servers are independent processes and may share a GPU when there are more of them than GPUs.
@@ -268,6 +274,26 @@ def plan_for(config: Config, num_gpus: int, *, policy_servers: int = 1) -> GpuPl
         policy_gpus=placement.policy_gpus,
         learner_gpus=placement.learner_gpus,
     )
+
+
+# A driver manifest path that cannot exist (a file below /dev/null): the Vulkan loader then loads no driver at all.
+NO_VULKAN_DRIVER = "/dev/null/gsrl-no-vulkan-driver.json"
+# VK_DRIVER_FILES is the loader's current name, VK_ICD_FILENAMES the older one (older loaders, and SAPIEN's own
+# check at import, which points it at a bundled NVIDIA manifest when unset); VK_ADD_DRIVER_FILES would add drivers.
+VULKAN_DRIVER_VARIABLES = ("VK_DRIVER_FILES", "VK_ICD_FILENAMES")
+
+
+def without_vulkan_drivers(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a process that must load no Vulkan driver: the loader's driver lists point at nothing."""
+    hidden = {k: v for k, v in env.items() if k != "VK_ADD_DRIVER_FILES"}
+    hidden.update(dict.fromkeys(VULKAN_DRIVER_VARIABLES, NO_VULKAN_DRIVER))
+    return hidden
+
+
+def renders_with_sapien(config: Config, role: str) -> bool:
+    """Whether processes of ``role`` need a SAPIEN render device under ``config``: only env servers of splat-rendered
+    tasks (the splat observer reads the scene's lights from SAPIEN's render system); state tasks build none."""
+    return role == ENV_SERVER and config.task.is_splat_rendered
 
 
 def visible_gpu_names(cuda_visible_devices: str | None, count: int) -> list[str]:

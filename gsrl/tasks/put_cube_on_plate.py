@@ -246,7 +246,11 @@ class PutCubeOnPlateEnv(BaseEnv):
             patch_radius=0.1,
             min_patch_radius=0.1,
         )
-        builder.add_box_visual(half_size=half_size, material=sapien.render.RenderMaterial(base_color=color))
+        # A RenderMaterial starts SAPIEN's renderer (a Vulkan device), so state tasks built with render_backend
+        # "none" add no visual: ManiSkill's own builders do the same. Without it a CPU-placed env server on a GPU
+        # host (no visible GPU, the NVIDIA Vulkan driver installed) died with SIGSEGV.
+        if self.scene.can_render():
+            builder.add_box_visual(half_size=half_size, material=sapien.render.RenderMaterial(base_color=color))
         # Distinct initial poses keep the two boxes apart before the first episode places them.
         builder.initial_pose = sapien.Pose(p=[0.0, 0.3 if name == "cube" else -0.3, z])
         return builder.build(name=name)

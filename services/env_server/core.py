@@ -140,6 +140,17 @@ class EnvBatch:
                 from gsrl.tasks.gs_env import SplatObserver  # the renderer stays unimported for state tasks
 
                 self._observer = SplatObserver([env.unwrapped for env in self._envs], render or RenderConfig())
+        except RuntimeError as exc:
+            self.close()
+            if not splat_rendered and "rendering device" in str(exc):
+                raise RuntimeError(
+                    f"{physics_task_id} asked SAPIEN for a render device although it is built with "
+                    f"render_backend='none', and this process has none ({exc}). A task builds its visuals "
+                    "(sapien.render.RenderMaterial, add_*_visual) only when self.scene.can_render(): creating a "
+                    "render material starts SAPIEN's renderer. gsrl train hides the Vulkan drivers from env servers "
+                    "placed on the CPU of a GPU host (gsrl.placement.without_vulkan_drivers)."
+                ) from exc
+            raise
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,13 +12,16 @@ from gsrl.config import ConfigError, load_config
 from gsrl.placement import (
     ENV_SERVER,
     LEARNER,
+    NO_VULKAN_DRIVER,
     POLICY_SERVER,
     ROLES,
     GpuPlan,
     assign_gpus,
     gpu_roles,
     plan_for,
+    renders_with_sapien,
     visible_gpu_names,
+    without_vulkan_drivers,
 )
 
 
@@ -212,3 +217,50 @@ def test_launcher_sets_cuda_visible_devices_per_child(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     p, names = launcher.gpu_plan(config, {})
     assert launcher.with_gpus(base, p, names, LEARNER, 0) is base, "no GPUs: the environment is left alone"
+
+
+def test_hiding_vulkan_points_every_driver_list_at_nothing() -> None:
+    base = {"PATH": "/bin", "VK_DRIVER_FILES": "/usr/local/nvidia/icd.json", "VK_ADD_DRIVER_FILES": "/x.json"}
+    hidden = without_vulkan_drivers(base)
+    assert hidden == {"PATH": "/bin", "VK_DRIVER_FILES": NO_VULKAN_DRIVER, "VK_ICD_FILENAMES": NO_VULKAN_DRIVER}
+    assert base["VK_DRIVER_FILES"] == "/usr/local/nvidia/icd.json", "the given environment is not modified"
+
+
+def test_only_splat_env_servers_render_with_sapien() -> None:
+    state = load_config()
+    assert not any(renders_with_sapien(state, role) for role in ROLES)
+    gs = load_config(None, ["task.id=GSEnv-PutCubeOnPlate-v0", "task.obs_mode=rgb", "task.render.device=cpu"])
+    assert renders_with_sapien(gs, ENV_SERVER) and not renders_with_sapien(gs, POLICY_SERVER)
+
+
+def test_cpu_placed_children_of_a_gpu_host_get_no_vulkan_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-loop bench on one H100: separate, learner on GPU 0, env and policy servers on the CPU. Env servers
+    that reached the NVIDIA Vulkan driver with CUDA hidden died with signal 11 before logging anything."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = load_config(None, ["env_server.num_servers=2"])
+    p, names = launcher.gpu_plan(config, {})
+    base = {"PATH": "/bin", "VK_DRIVER_FILES": "/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json"}
+    learner = launcher.with_gpus(base, p, names, LEARNER, 0)
+    assert learner == {**base, "CUDA_VISIBLE_DEVICES": "0"}, "a process on a GPU keeps its Vulkan driver"
+    for role, index in ((ENV_SERVER, 0), (ENV_SERVER, 1), (POLICY_SERVER, 0)):
+        child = launcher.with_gpus(base, p, names, role, index)
+        assert child["CUDA_VISIBLE_DEVICES"] == ""
+        assert child["VK_DRIVER_FILES"] == child["VK_ICD_FILENAMES"] == NO_VULKAN_DRIVER
+    rendering = launcher.with_gpus(base, p, names, ENV_SERVER, 0, renders=True)
+    assert rendering == {**base, "CUDA_VISIBLE_DEVICES": ""}, "a CPU env server that renders keeps Vulkan"
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    p, names = launcher.gpu_plan(config, {})
+    assert launcher.with_gpus(base, p, names, ENV_SERVER, 0) is base, "no GPU host: Mesa's CPU Vulkan stays"
+
+
+def test_children_start_with_faulthandler_on(tmp_path: Path) -> None:
+    env = launcher.child_environment({"PATH": "/bin"}, "redis://127.0.0.1:1/0", tmp_path)
+    assert env["PYTHONFAULTHANDLER"] == "1", "a native crash prints the Python stack into the role's log"
+    assert env["GSRL_REDIS_URL"] == "redis://127.0.0.1:1/0" and env["GSRL_RUN_DIR"] == str(tmp_path)
+    assert env["PATH"] == "/bin" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_exit_codes_name_the_signal() -> None:
+    assert launcher.describe_exit(1) == "code 1"
+    assert launcher.describe_exit(-11).startswith("code -11 (SIGSEGV")
