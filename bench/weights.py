@@ -7,10 +7,18 @@ vectors per layer), published the way the learner does it (default 64 MiB bucket
 publish). Baseline: one ``broadcast`` of one flat uint8 tensor of the same byte count, from this process to the same
 N processes, in a process group of the same size built the same way (gloo on CPU; NCCL in ``--full`` when there is
 a GPU for the publisher and one per subscriber), timed until the last receiver holds it. The two alternate and the
-medians are reported. A second figure is ``publish()``'s own wall time, which the learner waits out every update.
-The Redis snapshot is written in the background (the learner's setting); after every publish the bench waits for it
-(untimed) before the next measurement, so it never competes with a timed transfer, and a third figure reports how
-long it took on its own thread.
+medians are reported, with the payload's GB/s of each in the first row's note. A second figure is ``publish()``'s own
+wall time, which the learner waits out every update. The Redis snapshot is written in the background (the learner's
+setting); after every publish the bench waits for it (untimed) before the next measurement, so it never competes with
+a timed transfer, and a third figure reports how long it took on its own thread.
+
+Over NCCL each peer holds two communicators on its GPU (the subscriber's group and the baseline group), and only one
+may have work in flight at a time: a NCCL kernel spins until its peers join, and anything that synchronizes the device
+(``torch.cuda.synchronize``, ``cudaFree``, some allocations) then waits for it. A peer that posted its next baseline
+receive while a publish was under way, and synchronized the device in ``on_weights``, waited on a broadcast that rank
+0 only starts after that publish's acknowledgement: the stage hung on 2 x H100. So over NCCL a peer posts each baseline
+receive only when the bench says ``go`` (and says it is armed just before); over gloo it posts them ahead, as before.
+Every wait on a peer has a timeout and names its phase, and each phase prints a progress line.
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ from gsrl.weights import WeightPublisher
 REPO = Path(__file__).resolve().parent.parent
 STAGE = "weight broadcast"
 TIMEOUT_S = 300.0  # group construction waits for peers that are still importing torch on a busy box
+STEP_TIMEOUT_S = 120.0  # each measured transfer, acknowledgement and snapshot (1 GiB over NCCL takes well under 1 s)
+
+
+def say(message: str) -> None:
+    """A progress line: a stage that stalls shows where."""
+    print(f"bench: weights: {message}", flush=True)
 
 
 def make_state(mib: int, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -68,6 +82,30 @@ def stop_key(prefix: str, peer_id: str) -> str:
     return f"{prefix}:bench:stop:{peer_id}"
 
 
+def go_key(prefix: str, peer_id: str) -> str:
+    return f"{prefix}:bench:go:{peer_id}"
+
+
+def serialized(backend: str) -> bool:
+    """Whether a peer posts each baseline receive only on ``go``: over NCCL, so two communicators never overlap."""
+    return backend == "nccl"
+
+
+def close_group(pg: dist.ProcessGroup, backend: str) -> None:
+    """``abort`` for NCCL, ``shutdown`` for gloo, as ``gsrl.weight_group._Group.close`` does and for its reason.
+
+    NCCL's ``shutdown`` finalizes the communicator, which waits on the other ranks; the bench and its peers leave on
+    their own schedules (and a peer may already be killed), so a shutdown could hang the stage at its very end.
+    """
+    try:
+        if backend == "nccl":
+            pg.abort()
+        else:
+            pg.shutdown()
+    except Exception as exc:  # noqa: BLE001 - teardown after a failure may fail in many ways
+        print(f"bench: weights: closing the baseline group: {exc}", file=sys.stderr, flush=True)
+
+
 def _devices(sizes: Sizes) -> tuple[str, list[str], str]:
     """Backend, devices (publisher first) and why: NCCL needs one GPU per rank, so a 1-GPU host falls back to gloo."""
     subscribers = sizes.weight_subscribers
@@ -85,8 +123,9 @@ class _Peers:
     def __init__(self, client: redis.Redis, prefix: str, procs: list[subprocess.Popen], logs: Path) -> None:
         self.client, self.prefix, self.procs, self.logs = client, prefix, procs, logs
 
-    def wait(self, kind: str, timeout_s: float = TIMEOUT_S) -> list[dict]:
-        """One acknowledgement (or ready id) from every peer; raises with a peer's log if one died."""
+    def wait(self, kind: str, phase: str, timeout_s: float | None = None) -> list[dict]:
+        """One acknowledgement (or ready id) from every peer; raises, naming ``phase``, if one died or is silent."""
+        timeout_s = STEP_TIMEOUT_S if timeout_s is None else timeout_s
         key = ready_key(self.prefix) if kind == "ready" else ack_key(self.prefix, kind)
         got: list[dict] = []
         deadline = time.monotonic() + timeout_s
@@ -97,12 +136,25 @@ class _Peers:
                 continue
             dead = [i for i, p in enumerate(self.procs) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                index = dead[0] if dead else 0
-                tail = (self.logs / f"{index}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(
-                    f"weights peer {index} {'died' if dead else 'is silent'} waiting for {kind}:\n{tail}"
-                )
+                heard = {a.get("id") for a in got}
+                silent = [i for i in range(len(self.procs)) if f"peer{i}" not in heard]
+                index = dead[0] if dead else silent[0]
+                code = self.procs[index].returncode
+                what = f"exited with code {code}" if dead else f"sent nothing in {timeout_s:.0f} s"
+                error = RuntimeError if dead else TimeoutError
+                raise error(f"{phase}: weights peer {index} {what} (waiting for its {kind!r}); {self.tail(index)}")
         return got
+
+    def tail(self, index: int) -> str:
+        """Print a peer's log tail (for the traceback) and return its last line (for the table)."""
+        text = (self.logs / f"{index}.log").read_text(errors="replace")
+        print(f"bench: weights: peer {index} log (tail):\n{text[-2000:]}", file=sys.stderr, flush=True)
+        lines = [line for line in text.splitlines() if line.strip()]
+        return f"its last log line: {lines[-1][:200]}" if lines else "its log is empty"
+
+    def go(self, round_index: int) -> None:
+        for i in range(len(self.procs)):
+            self.client.rpush(go_key(self.prefix, f"peer{i}"), round_index)
 
     def stop(self) -> None:
         for i, proc in enumerate(self.procs):
@@ -121,6 +173,7 @@ def run(sizes: Sizes) -> list[Row]:
     if backend == "nccl":
         # A timed-out NCCL collective must raise, not tear the process down (as the learner's entry point sets it).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        torch.cuda.set_device(devices[0])  # the publisher's GPU; each peer sets its own
     with (
         tempfile.TemporaryDirectory(prefix="gsrl-bench-weights-") as tmp,
         LocalRedis(Path(tmp) / "redis") as server,
@@ -140,6 +193,8 @@ def _run(
     # At least 5 pairs: on a shared 2-core box single transfers vary by 2x, and a median of 3 moved the ratio a lot.
     pairs = max(sizes.repeats, 5)
     rounds = 1 + pairs  # warm-up + timed, for the baseline group the peers join
+    nbytes = state_nbytes(sizes.weights_mib)
+    say(f"{sizes.weights_mib} MiB to {n} peer(s) over {why}: devices {devices}, {pairs} timed pairs")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=TIMEOUT_S))
     publisher = WeightPublisher(
         client,
@@ -148,7 +203,7 @@ def _run(
         advertise_host="127.0.0.1",
         backend=backend,
         device=devices[0],
-        timeout_s=TIMEOUT_S,
+        timeout_s=STEP_TIMEOUT_S,  # the peers are registered and idle before the first publish
         subscriber_ttl_s=30.0,
         gloo_hostname="127.0.0.1",
     )
@@ -158,7 +213,7 @@ def _run(
         args = [sys.executable, "-m", "bench._weights_peer", "--redis-port", str(redis_port), "--prefix", prefix]
         args += ["--id", f"peer{rank - 1}", "--rank", str(rank), "--world", str(n + 1), "--store-port", str(store.port)]
         args += ["--backend", backend, "--device", devices[rank], "--mib", str(sizes.weights_mib)]
-        args += ["--rounds", str(rounds), "--timeout-s", str(TIMEOUT_S)]
+        args += ["--rounds", str(rounds), "--timeout-s", str(TIMEOUT_S)] + (["--on-go"] if serialized(backend) else [])
         with open(tmp / f"{rank - 1}.log", "w") as log:
             procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     peers = _Peers(client, prefix, procs, tmp)
@@ -166,56 +221,81 @@ def _run(
     try:
         # Every peer alive and registered first (a peer that dies while importing is reported here), since the
         # rendezvous below blocks in C++ until all ranks join or TIMEOUT_S passes.
-        peers.wait("ready")
+        say(f"starting {n} peer process(es)")
+        started = time.monotonic()
+        peers.wait("ready", "starting the peers", TIMEOUT_S)
+        say(f"peers ready in {time.monotonic() - started:.1f} s; forming the baseline {backend} group")
         pg = _new_process_group(backend, dist.PrefixStore("baseline/", store), 0, n + 1, TIMEOUT_S, "127.0.0.1")
         state = make_state(sizes.weights_mib, devices[0])
-        flat = torch.ones(state_nbytes(sizes.weights_mib), dtype=torch.uint8, device=devices[0])
+        flat = torch.ones(nbytes, dtype=torch.uint8, device=devices[0])
 
-        def publish(version: int) -> tuple[float, float, float]:
+        def publish(version: int, phase: str) -> tuple[float, float, float]:
             start = time.time()
             stats = publisher.publish(state, version)
             blocked = time.time() - start
             if stats.error or stats.num_subscribers != n:
-                raise RuntimeError(f"publish v{version} reached {stats.num_subscribers}/{n}: {stats.error}")
-            acks = peers.wait("gsrl")
+                raise RuntimeError(f"{phase}: publish v{version} reached {stats.num_subscribers}/{n}: {stats.error}")
+            acks = peers.wait("gsrl", phase)
             if any(a["version"] != version for a in acks):
-                raise RuntimeError(f"publish v{version}: subscribers acknowledged {[a['version'] for a in acks]}")
-            if not publisher.flush_snapshot(TIMEOUT_S):  # untimed: keep the snapshot out of the next measurement
-                raise RuntimeError(f"publish v{version}: the background snapshot did not finish")
+                raise RuntimeError(f"{phase}: subscribers acknowledged {[a['version'] for a in acks]}, not v{version}")
+            if not publisher.flush_snapshot(STEP_TIMEOUT_S):  # untimed: keep the snapshot out of the next measurement
+                raise TimeoutError(f"{phase}: the background snapshot took over {STEP_TIMEOUT_S:.0f} s")
             written = publisher.last_snapshot
             if written is None or written.version != version or written.error:
-                raise RuntimeError(f"publish v{version}: snapshot {written}")
+                raise RuntimeError(f"{phase}: snapshot {written}")
             return max(a["t"] for a in acks) - start, blocked, written.seconds
 
-        def broadcast() -> float:
+        def broadcast(round_index: int, phase: str) -> float:
+            if serialized(backend):  # the peers post this receive now, not during the publish before it
+                peers.go(round_index)
+                peers.wait("armed", f"{phase} (arming the peers)")
             start = time.time()
-            _broadcast(pg, flat, TIMEOUT_S)
-            return max(a["t"] for a in peers.wait("baseline")) - start
+            try:
+                _broadcast(pg, flat, STEP_TIMEOUT_S)
+            except Exception as exc:
+                raise RuntimeError(f"{phase}: the flat broadcast failed: {exc}") from exc
+            acks = peers.wait("baseline", phase)
+            if any(a["round"] != round_index for a in acks):
+                rounds_seen = [a["round"] for a in acks]
+                raise RuntimeError(f"{phase}: peers acknowledged rounds {rounds_seen}, not {round_index}")
+            return max(a["t"] for a in acks) - start
 
-        publish(1), broadcast()  # warm-up: the first publish forms the group; first use of both pays setup
+        # Warm-up: the first publish forms the gsrl group; first use of both pays setup (NCCL: communicator init).
+        say("warm-up: publish v1 (forms the gsrl group)")
+        publish(1, "warm-up publish v1 (forming the gsrl group)")
+        say("warm-up: one flat broadcast (first use of the baseline group)")
+        broadcast(0, "warm-up flat broadcast (first use of the baseline group)")
         delivered, blocked, snapshot, baseline = [], [], [], []
-        for version in range(2, 2 + pairs):
-            d, b, w = publish(version)
+        for i, version in enumerate(range(2, 2 + pairs), start=1):
+            d, b, w = publish(version, f"pair {i}/{pairs}: publish v{version}")
             delivered.append(d)
             blocked.append(b)
             snapshot.append(w)
-            baseline.append(broadcast())
+            baseline.append(broadcast(i, f"pair {i}/{pairs}: flat broadcast"))
+            say(
+                f"pair {i}/{pairs}: deliver {d:.3f} s ({nbytes / d / 1e9:.2f} GB/s), publish() {b:.3f} s, "
+                f"flat broadcast {baseline[-1]:.3f} s ({nbytes / baseline[-1] / 1e9:.2f} GB/s), snapshot {w:.3f} s"
+            )
     finally:
+        say("stopping the peers")
         peers.stop()
         publisher.close()
         if pg is not None:
-            pg.shutdown()
-    mib, base = sizes.weights_mib, statistics.median(baseline)
+            close_group(pg, backend)
+    mib, base, median = sizes.weights_mib, statistics.median(baseline), statistics.median(delivered)
     what = f"{mib} MiB float32 to {n} policy servers"
     return [
         Row(
             STAGE,
             f"deliver {what}, {why} (vs one broadcast of a flat tensor)",
-            statistics.median(delivered),
+            median,
             base,
             "s",
             goal="<= 1.2",
-            note="until the last subscriber's on_weights holds the tensors",
+            note=(
+                "until the last subscriber's on_weights holds the tensors; "
+                f"{nbytes / median / 1e9:.2f} vs {nbytes / base / 1e9:.2f} GB/s of payload"
+            ),
         ),
         Row(
             STAGE,
