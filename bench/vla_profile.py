@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.vla_policy import ACTION_DIM, CHUNK, POLICY_SETTINGS, workload
+from gsrl.policy.vla.compile import COMPILE_MODES
 from gsrl.policy.vla.policy import VLAPolicy
 
 
@@ -73,25 +74,15 @@ def profile_case(name: str, batch: int, fn: Callable[[], object], device: torch.
     )
 
 
-def compile_model(policy: VLAPolicy, mode: str) -> None:
-    """Swaps the model's three hot functions for ``torch.compile``d ones (static shapes: one graph per batch).
-
-    A probe of what graph capture buys over eager dispatch, not a serving path: ``mode`` is torch.compile's
-    (``default`` fuses kernels, ``reduce-overhead`` also replays them as CUDA graphs).
-    """
-    model = policy.model
-    for name in ("encode_prefix", "predict_velocity", "forward_joint"):
-        setattr(model, name, torch.compile(getattr(model, name), mode=mode, dynamic=False))
-
-
 def run(
     preset: str, device: torch.device, batches: list[int], train_batch: int, calls: int, compile_mode: str = ""
 ) -> list[CaseProfile]:
     torch.manual_seed(0)
     load = workload(preset)
-    policy = VLAPolicy(load.spec.observation_spec, ACTION_DIM, CHUNK, preset=preset, **POLICY_SETTINGS).to(device)
-    if compile_mode:
-        compile_model(policy, compile_mode)
+    # compile_mode: the policy's own option (gsrl.policy.vla.compile); act batches are padded to its buckets.
+    policy = VLAPolicy(
+        load.spec.observation_spec, ACTION_DIM, CHUNK, preset=preset, compile_mode=compile_mode, **POLICY_SETTINGS
+    ).to(device)
     results = []
     for batch in batches:
         obs = {k: torch.from_numpy(v).to(device) for k, v in load.observations(batch, batch).items()}
@@ -142,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         default="",
-        choices=["", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="torch.compile the model's prefix, velocity and joint passes in this mode first (default: eager)",
+        choices=["", *COMPILE_MODES],
+        help="VLAPolicy compile_mode: torch.compile the prefix, velocity and joint passes (default: eager)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)

@@ -292,6 +292,11 @@ class PolicyConfig:
     noise_level: float = 0.5
     checkpoint: str = ""
     train_expert_only: bool = False
+    # vla only: bfloat16 autocast on CUDA (flow arithmetic and log-probs stay float32), and torch.compile of the
+    # model's passes ("" eager | default | reduce-overhead | max-autotune-no-cudagraphs), which made a `small`
+    # decision 2.1-2.9x faster on an H100 (gsrl/policy/vla/compile.py)
+    bf16_autocast: bool = True
+    compile_mode: str = ""
 
     def validate(self, key: str) -> None:
         _require(self.kind in POLICY_KINDS, f"{key}.kind", f"must be one of {POLICY_KINDS}")
@@ -304,6 +309,11 @@ class PolicyConfig:
         )
         _require(self.num_denoise_steps >= 1, f"{key}.num_denoise_steps", "must be >= 1")
         _require(self.noise_level > 0, f"{key}.noise_level", "must be > 0")
+        _require(
+            self.compile_mode in VLA_COMPILE_MODES,
+            f"{key}.compile_mode",
+            f"must be one of {', '.join(repr(m) for m in VLA_COMPILE_MODES)}",
+        )
 
     def kwargs(self) -> dict[str, Any]:
         """Constructor arguments for ``gsrl.policy.build_policy`` beyond kind/spec/dims."""
@@ -314,7 +324,10 @@ class PolicyConfig:
                 "num_denoise_steps": self.num_denoise_steps,
                 "noise_level": self.noise_level,
                 "train_expert_only": self.train_expert_only,
+                "bf16_autocast": self.bf16_autocast,
             }
+            if self.compile_mode:
+                options["compile_mode"] = self.compile_mode
             if self.checkpoint:
                 options["checkpoint"] = self.checkpoint
             return options
@@ -322,6 +335,9 @@ class PolicyConfig:
 
 
 POLICY_KINDS = ("gaussian_mlp", "vla")
+# "" (eager) and gsrl.policy.vla.compile.COMPILE_MODES, repeated here so reading a config needs no torch (a test
+# checks that the two agree).
+VLA_COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ it to its controller's units) with the chain's log-prob and V(s). The chain itse
 ``evaluate_actions(..., extras=...)`` re-runs the expert only at the stored stochastic steps, on the stored
 x_t, under the current weights; all of a row's steps go through the expert as one batch against the
 repeated prefix cache. ``action_chunk`` is not needed then (it is a function of the chain).
+
+``compile_mode`` (opt-in) runs the model's prefix, velocity and joint passes ``torch.compile``d with static shapes;
+``act`` and ``value`` then pad their batch to a bucket (``gsrl.policy.vla.compile`` says why and how).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput
 from gsrl.policy.vla import flow
+from gsrl.policy.vla.compile import DEFAULT_MAX_BATCH, CompiledVLA, batch_bucket, check_compile_mode, pad_rows
 from gsrl.policy.vla.config import VLAConfig, vla_config
 from gsrl.policy.vla.inputs import StateNormalizer, default_image_keys, default_state_keys, preprocess_images
 from gsrl.policy.vla.model import PrefixCache, VLAModel
@@ -55,7 +59,10 @@ class VLAPolicy(Policy):
       raw-state bounds mapped to [-1, 1] before binning (stored as buffers, overwritten by checkpoints);
     - ``checkpoint``: a local directory (``model.safetensors`` [+ ``vla_config.json``]) or ``.safetensors`` file,
       native or LeRobot pi0.5 names; ``train_expert_only`` freezes SigLIP, projector and LM (RLinf default);
-    - ``bf16_autocast``: bfloat16 autocast on CUDA (flow arithmetic, heads and log-probs stay float32).
+    - ``bf16_autocast``: bfloat16 autocast on CUDA (flow arithmetic, heads and log-probs stay float32);
+    - ``compile_mode``: "" (eager) or a ``torch.compile`` mode (default | reduce-overhead |
+      max-autotune-no-cudagraphs) for the model's three hot passes, static shapes; ``act``/``value`` then pad
+      batches to powers of two up to ``compile_max_batch`` (set it to the policy server's ``max_batch_size``).
     """
 
     def __init__(
@@ -81,8 +88,13 @@ class VLAPolicy(Policy):
         bf16_autocast: bool = True,
         clip_actions: bool = True,
         eval_seed: int = 0,
+        compile_mode: str = "",
+        compile_max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         super().__init__()
+        check_compile_mode(compile_mode)
+        if compile_max_batch < 1:
+            raise ValueError(f"compile_max_batch={compile_max_batch} must be >= 1")
         if noise_method not in flow.NOISE_METHODS:
             raise ValueError(f"noise_method={noise_method!r}; known: {flow.NOISE_METHODS}")
         if chain_reduction not in ("sum", "mean"):
@@ -137,11 +149,30 @@ class VLAPolicy(Policy):
         if train_expert_only:
             for module in (self.model.vision_tower, self.model.multi_modal_projector, self.model.language_model):
                 module.requires_grad_(False)
+        self.compile_mode = compile_mode
+        self.compile_max_batch = compile_max_batch
+        # Pad act/value batches to a bucket (one compiled graph per bucket); on with compilation, settable for tests.
+        self.pad_batches = bool(compile_mode)
+        self._compiled = CompiledVLA(self.model, compile_mode) if compile_mode else None
 
     # ---- inputs -------------------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
         return self.model.action_in_proj.weight.device
+
+    def _passes(self) -> Any:
+        """Where ``encode_prefix`` / ``predict_velocity`` / ``forward_joint`` run: compiled or the model itself.
+
+        Marks the start of a policy call (a new CUDA-graph generation under ``reduce-overhead``), so call it once
+        per entry point, before the first pass.
+        """
+        if self._compiled is None:
+            return self.model
+        self._compiled.step_begin()
+        return self._compiled
+
+    def _bucket(self, batch: int) -> int:
+        return batch_bucket(batch, self.compile_max_batch) if self.pad_batches and batch > 0 else batch
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.bf16_autocast and device.type == "cuda":
@@ -168,15 +199,28 @@ class VLAPolicy(Policy):
 
     def encode(self, observations: dict[str, Tensor], instructions: list[str] | None) -> PrefixCache:
         """The prefix KV cache; without grad into the VLM when it is frozen (saves its activations)."""
+        return self._encode(observations, instructions, self._passes())
+
+    def _encode(
+        self, observations: dict[str, Tensor], instructions: list[str] | None, passes: Any, pad: bool = False
+    ) -> PrefixCache:
+        """``encode`` through ``passes`` (from ``_passes()``); with ``pad``, its rows padded to ``_bucket(B)`` by
+        repeating the last one (the cache then has more rows than ``observations``: slice what is read from it)."""
         images, tokens, mask = self.model_inputs(observations, instructions)
+        if pad:
+            rows = self._bucket(images.shape[0])
+            images, tokens, mask = (pad_rows(x, rows) for x in (images, tokens, mask))
         frozen = self.train_expert_only or not torch.is_grad_enabled()
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            return self.model.encode_prefix(images, tokens, mask)
+            return passes.encode_prefix(images, tokens, mask)
 
-    def _velocity_fn(self, cache: PrefixCache) -> flow.VelocityFn:
+    def _velocity_fn(self, cache: PrefixCache, passes: Any, batch: int) -> flow.VelocityFn:
+        """v(x_t, t) on ``batch`` rows against ``cache``, whose rows may be padded past ``batch`` (see ``encode``)."""
+        rows = cache.valid.shape[0]
+
         def velocity(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-            v, suffix_out = self.model.predict_velocity(cache, x_t, t)
-            return v, self._noise_std(suffix_out)
+            v, suffix_out = passes.predict_velocity(cache, pad_rows(x_t, rows), pad_rows(t, rows))
+            return v[:batch], self._noise_std(suffix_out[:batch])
 
         return velocity
 
@@ -196,10 +240,11 @@ class VLAPolicy(Policy):
     ) -> PolicyOutput:
         device = self._device()
         cfg = self.config
+        passes = self._passes()
+        batch = _batch_size(observations, self.image_keys[0])
         with self._autocast(device):
-            cache = self.encode(observations, instructions)
-            values = self.model.value(cache)
-            batch = values.shape[0]
+            cache = self._encode(observations, instructions, passes, pad=True)
+            values = self.model.value(cache)[:batch]
             shape = (batch, cfg.action_horizon, cfg.action_dim)
             generator = torch.Generator(device=device).manual_seed(self.eval_seed) if deterministic else None
             x1 = torch.randn(shape, device=device, generator=generator)
@@ -207,8 +252,9 @@ class VLAPolicy(Policy):
                 stochastic = torch.zeros(batch, self.num_denoise_steps, dtype=torch.bool, device=device)
             else:
                 stochastic = flow.stochastic_step_mask(batch, self.num_denoise_steps, self.joint_logprob, device)
+            velocity = self._velocity_fn(cache, passes, batch)
             sample = flow.sample_chain(
-                self._velocity_fn(cache), x1, self.num_denoise_steps, stochastic, self.noise_method, self.noise_level
+                velocity, x1, self.num_denoise_steps, stochastic, self.noise_method, self.noise_level
             )
         if deterministic:
             logprobs = torch.zeros(batch, device=device)  # a deterministic map has no density
@@ -251,12 +297,14 @@ class VLAPolicy(Policy):
             raise ValueError(
                 f"extras chain has shape {list(chain.shape)} for stochastic_steps {list(stochastic.shape)}"
             )
+        # Not padded (pad rows would enter the losses): constant minibatch sizes compile once.
+        passes = self._passes()
         counts = stochastic.sum(dim=1)
         per_row = int(counts[0]) if batch else 0
         if bool((counts != per_row).any()):
             raise ValueError("every row must have the same number of stochastic steps")
         with self._autocast(device):
-            cache = self.encode(observations, instructions)
+            cache = self._encode(observations, instructions, passes)
             values = self.model.value(cache)
             if per_row == 0:  # deterministic chains carry no log-prob
                 zeros = values.new_zeros(batch)
@@ -268,7 +316,7 @@ class VLAPolicy(Policy):
             timesteps = flow.denoise_timesteps(num_steps, device=device)
             t = timesteps[step_index].flatten()
             dt = (timesteps[step_index] - timesteps[step_index + 1]).flatten()
-            v, suffix_out = self.model.predict_velocity(cache.repeat_interleave(per_row), x_t, t)
+            v, suffix_out = passes.predict_velocity(cache.repeat_interleave(per_row), x_t, t)
             noise_std = self._noise_std(suffix_out)
         mean, std = flow.transition(self.noise_method, x_t, v.float(), t, dt, self.noise_level, noise_std)
         step_logp = flow.transition_logprob(x_next, mean, std, self.action_chunk, self.action_dim).view(batch, per_row)
@@ -282,8 +330,10 @@ class VLAPolicy(Policy):
 
     @torch.no_grad()
     def value(self, observations: dict[str, Tensor], instructions: list[str] | None = None) -> Tensor:
+        passes = self._passes()
+        batch = _batch_size(observations, self.image_keys[0])
         with self._autocast(self._device()):
-            return self.model.value(self.encode(observations, instructions)).float()
+            return self.model.value(self._encode(observations, instructions, passes, pad=True))[:batch].float()
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """The value head (``model.value_head``). It reads the LM's prefix outputs, which the actor's denoising
@@ -306,7 +356,8 @@ class VLAPolicy(Policy):
         """pi0's SFT loss: mean over [B, H, D] of (v(x_t, t) - (noise - actions))^2, one joint pass.
 
         ``actions`` [B, H, A] normalized to [-1, 1] (H = the model's horizon); padded to D with zeros as openpi
-        pads to 32, and the padded dims are trained toward zero velocity targets too.
+        pads to 32, and the padded dims are trained toward zero velocity targets too. Not batch-padded under
+        ``compile_mode``: a constant batch size compiles once.
         """
         cfg = self.config
         device = self._device()
@@ -322,7 +373,7 @@ class VLAPolicy(Policy):
         x_t, target = flow.flow_matching_targets(padded, noise, t)
         with self._autocast(device):
             images, tokens, mask = self.model_inputs(observations, instructions)
-            v, _, _ = self.model.forward_joint(images, tokens, mask, x_t, t)
+            v, _, _ = self._passes().forward_joint(images, tokens, mask, x_t, t)
         return (v.float() - target).pow(2).mean()
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -355,6 +406,10 @@ class VLAPolicy(Policy):
             allow_missing=("model.value_head.", "model.noise_head."),
             allow_unexpected=("model.noise_head.",),
         )
+
+
+def _batch_size(observations: dict[str, Tensor], key: str) -> int:
+    return int(observations[key].shape[0])
 
 
 def _checkpoint_dir(checkpoint: str | None) -> Path | None:
