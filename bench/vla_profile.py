@@ -10,17 +10,15 @@ fusion has to remove. ``--json`` keeps the figures. Observations are random, as 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.vla_policy import ACTION_DIM, CHUNK, POLICY_SETTINGS, workload
+from bench.vla_probe_cli import add_probe_arguments, probe_device, write_figures
 from gsrl.policy.vla.compile import COMPILE_MODES
 from gsrl.policy.vla.policy import VLAPolicy
 
@@ -125,8 +123,7 @@ def report(results: list[CaseProfile]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.vla_profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="VLA preset (tiny, small, pi05); default small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_probe_arguments(parser)
     parser.add_argument("--batches", default="1,16,64", help="act batch sizes, comma-separated (default 1,16,64)")
     parser.add_argument("--train-batch", type=int, default=32, help="SFT step batch (0: skip; default 32)")
     parser.add_argument("--calls", type=int, default=5, help="timed and profiled calls per case (default 5)")
@@ -136,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=["", *COMPILE_MODES],
         help="VLAPolicy compile_mode: torch.compile the prefix, velocity and joint passes (default: eager)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -144,15 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batches must be integers separated by commas, got {args.batches!r}")
     if not batches or min(batches) < 1 or args.calls < 1 or args.train_batch < 0:
         parser.error("--batches must be >= 1, --calls >= 1 and --train-batch >= 0")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench.vla_profile: --device cuda but CUDA is not available", file=sys.stderr)
+    device = probe_device(parser.prog, args.device)
+    if device is None:
         return 2
     results = run(args.preset, device, batches, args.train_batch, args.calls, args.compile)
     print(f"VLA {args.preset} on {device}, {'torch.compile ' + args.compile if args.compile else 'eager'}")
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    write_figures(args.json, results)
     return 0
 
 

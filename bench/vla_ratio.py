@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from bench.policy_server import Workload
 from bench.vla_policy import ACTION_DIM, CHUNK, POLICY_SETTINGS, workload
+from bench.vla_probe_cli import add_probe_arguments, probe_device, write_figures
 from gsrl.policy.vla.policy import VLAPolicy
 
 
@@ -115,18 +113,15 @@ def report(results: list[RatioFigures]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.vla_ratio", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="VLA preset (tiny, small, pi05); default small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_probe_arguments(parser)
     parser.add_argument("--rollout-batch", type=int, default=64, help="rows per rollout forward (default 64)")
     parser.add_argument("--minibatch", type=int, default=16, help="rows per learner recompute (default 16)")
     parser.add_argument("--repeats", type=int, default=4, help="rollouts per setup, each new observations")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if min(args.rollout_batch, args.minibatch, args.repeats) < 1:
         parser.error("--rollout-batch, --minibatch and --repeats must be >= 1")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench.vla_ratio: --device cuda but CUDA is not available", file=sys.stderr)
+    device = probe_device(parser.prog, args.device)
+    if device is None:
         return 2
     results = run(args.preset, device, args.rollout_batch, args.minibatch, args.repeats)
     print(
@@ -134,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"learner minibatch {args.minibatch})"
     )
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    write_figures(args.json, results)
     return 0
 
 

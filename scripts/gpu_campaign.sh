@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU figures of docs/benchmarks.md on a host with 2 GPUs, from the repo root, detached:
 #   setsid nohup bash scripts/gpu_campaign.sh > /tmp/campaign.out 2>&1 < /dev/null &
-# Track A (GPU 0, first half of the cores): GPU tests, then `python -m bench --full` stage by stage until a deadline.
+# Track A (GPU 0, first half of the cores): the PPO ratio probe (it picks the runs' precision), GPU tests, then
+# `python -m bench --full` stage by stage until a deadline, then `bench.vla_profile` eager and compiled.
 # Track B (GPU 1, second half): scripts/vla_sft_rl.sh (collect, SFT, eval, PPO 1-GPU, eval, curve) + GPU use per role.
 # Then both GPUs: the NCCL weight-broadcast bench and the 2-GPU run (gs_vla_ppo_2gpu) on track B's cores.
 set -u
@@ -48,7 +49,7 @@ trackA() {
     tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
   log "A: pytest gpu rc=$? $(tail -1 $R/pytest-gpu.log)"
   export CUDA_VISIBLE_DEVICES=0
-  for st in ${A_STAGES:-whole_loop transport codec gs_render env_server policy_server pipeline}; do
+  for st in ${A_STAGES:-whole_loop transport codec gs_render}; do
     if (( SECONDS - T0 > A_DEADLINE )); then log "A: $st skipped (deadline)"; continue; fi
     timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
     log "A: $st rc=$?"
