@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU figures of docs/benchmarks.md on a host with 2 GPUs, from the repo root, detached:
 #   setsid nohup bash scripts/gpu_campaign.sh > /tmp/campaign.out 2>&1 < /dev/null &
-# Track A (GPU 0, first half of the cores): the PPO ratio probe (it picks the runs' precision), GPU tests, then
+# Track A (GPU 0, first half of the cores): the compile probe (SFT compiles if it passes), the PPO ratio probe
+# (it picks the PPO runs' precision), GPU tests, then
 # `python -m bench --full` stage by stage until a deadline, then `bench.vla_profile` eager and compiled.
 # Track B (GPU 1, second half): scripts/vla_sft_rl.sh (collect, SFT, eval, PPO 1-GPU, eval, curve) + GPU use per role.
 # Then both GPUs: the NCCL weight-broadcast bench and the 2-GPU run (gs_vla_ppo_2gpu) on track B's cores.
@@ -43,7 +44,15 @@ PY
   log "A: ratio probe -> RL overrides '$(cat $R/rl_overrides)' $(tr '\n' ' ' < $R/ratio.log | tail -c 600)"
 }
 
+choose_compile() {  # SFT compiled (2.3x per step on an H100) only if the compiled VLA matches eager on this GPU
+  if timeout -k 10 300 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
+    -k default > $R/compile-test.log 2>&1; then echo "policy.compile_mode=default" > $R/sft_overrides
+  else : > $R/sft_overrides; fi
+  log "A: compile probe -> SFT overrides '$(cat $R/sft_overrides)' $(tail -1 $R/compile-test.log)"
+}
+
 trackA() {
+  CUDA_VISIBLE_DEVICES=0 choose_compile
   CUDA_VISIBLE_DEVICES=0 choose_precision
   [ -n "${SKIP_PYTEST:-}" ] || timeout -k 10 360 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q -rs tests/gpu \
     tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
@@ -66,9 +75,9 @@ trackA() {
 trackB() {
   export CUDA_VISIBLE_DEVICES=1
   sample_roles $R/vla/rl 1 $R/gpu-roles-1gpu.json &
-  OUT=$R/vla DEMOS=${DEMOS:-100} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-600} SFT_BATCH=${SFT_BATCH:-64} \
+  OUT=$R/vla DEMOS=${DEMOS:-200} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-2000} SFT_BATCH=${SFT_BATCH:-64} \
     EVAL_EPISODES=100 EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
-    RL_OVERRIDES_FILE=$R/rl_overrides \
+    SFT_OVERRIDES_FILE=$R/sft_overrides RL_OVERRIDES_FILE=$R/rl_overrides \
     timeout -k 10 1300 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1
   log "B: vla pipeline rc=$? $(tr '\n' ' ' < $R/vla/timings.tsv)"
   wait

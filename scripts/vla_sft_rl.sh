@@ -18,12 +18,23 @@ EVAL_EPISODES=${EVAL_EPISODES:-100}
 EVAL_ENVS=${EVAL_ENVS:-25}
 RL_SECONDS=${RL_SECONDS:-1800}
 OVERRIDES=${OVERRIDES:-}            # section.key=value ... applied to every step
-RL_OVERRIDES_FILE=${RL_OVERRIDES_FILE:-}  # a file of more overrides for the PPO step, read when that step starts
+# Files of more overrides for the SFT and the PPO step, read when that step starts (another job may still be
+# deciding them, e.g. whether torch.compile works on this GPU): waited for up to STEP_OVERRIDES_WAIT_S seconds.
+SFT_OVERRIDES_FILE=${SFT_OVERRIDES_FILE:-}
+RL_OVERRIDES_FILE=${RL_OVERRIDES_FILE:-}
+STEP_OVERRIDES_WAIT_S=${STEP_OVERRIDES_WAIT_S:-300}
 GSRL=${GSRL:-python3 -m gsrl.cli}
 read -r -a overrides <<<"$OVERRIDES"
 mkdir -p "$OUT"
 timings="$OUT/timings.tsv"
 [ -f "$timings" ] || printf 'step\tseconds\n' >"$timings"
+
+read_overrides() {  # read_overrides FILE: its words, one per line, once it exists (nothing if unset or never written)
+  local file=$1 waited=0
+  [ -n "$file" ] || return 0
+  while [ ! -e "$file" ] && ((waited < STEP_OVERRIDES_WAIT_S)); do sleep 1; waited=$((waited + 1)); done
+  [ -e "$file" ] && tr -s ' \t' '\n' <"$file" | grep -v '^$' || true
+}
 
 step() {  # step NAME command...: run it, log its output, record its wall time
   local name=$1 start=$SECONDS; shift
@@ -34,12 +45,12 @@ step() {  # step NAME command...: run it, log its output, record its wall time
 
 [ -d "$OUT/demos" ] || step collect $GSRL collect -c "$CONFIG" --episodes "$DEMOS" --num-envs "$COLLECT_ENVS" \
   --out "$OUT/demos" "${overrides[@]}"
+mapfile -t sft_overrides < <(read_overrides "$SFT_OVERRIDES_FILE")
 [ -f "$OUT/sft/model.safetensors" ] || step sft $GSRL sft -c "$CONFIG" --data "$OUT/demos" --out "$OUT/sft" \
-  --steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --lr "$SFT_LR" "${overrides[@]}"
+  --steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --lr "$SFT_LR" "${overrides[@]}" "${sft_overrides[@]}"
 step eval-sft $GSRL eval -c "$CONFIG" --checkpoint "$OUT/sft" --episodes "$EVAL_EPISODES" --num-envs "$EVAL_ENVS" \
   --json "$OUT/eval-sft.json" "${overrides[@]}"
-rl_overrides=()
-if [ -n "$RL_OVERRIDES_FILE" ] && [ -s "$RL_OVERRIDES_FILE" ]; then read -r -a rl_overrides <"$RL_OVERRIDES_FILE" || true; fi
+mapfile -t rl_overrides < <(read_overrides "$RL_OVERRIDES_FILE")
 step rl $GSRL train -c "$CONFIG" --run-dir "$OUT/rl" "policy.checkpoint=$OUT/sft" "run.duration_s=$RL_SECONDS" \
   "${overrides[@]}" "${rl_overrides[@]}"
 last=$(ls -d "$OUT"/rl/checkpoints/update_* | sort | tail -1)

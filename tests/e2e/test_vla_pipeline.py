@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = (
     "policy.vla_preset=tiny task.render.width=32 task.render.height=32 env_server.num_servers=1 env_server.num_envs=2 "
@@ -23,6 +25,9 @@ TINY = (
 
 def test_vla_pipeline_script_runs_every_step_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "vla"
+    # Per-step override files (the GPU campaign decides them while the pipeline runs): read when the step starts.
+    (tmp_path / "rl_overrides").write_text("algo.gamma=0.97\nalgo.gae_lambda=0.9\n")
+    (tmp_path / "sft_overrides").write_text("")
     env = {
         **os.environ,
         "OUT": str(out),
@@ -35,6 +40,8 @@ def test_vla_pipeline_script_runs_every_step_and_writes_its_figures(tmp_path: Pa
         "EVAL_ENVS": "2",
         "RL_SECONDS": "30",
         "OVERRIDES": TINY,
+        "SFT_OVERRIDES_FILE": str(tmp_path / "sft_overrides"),
+        "RL_OVERRIDES_FILE": str(tmp_path / "rl_overrides"),
     }
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "vla_sft_rl.sh")], env=env, capture_output=True, text=True, timeout=600
@@ -48,5 +55,7 @@ def test_vla_pipeline_script_runs_every_step_and_writes_its_figures(tmp_path: Pa
     rl_checkpoint = json.loads((out / "eval-rl.json").read_text())["checkpoint"]
     assert "/rl/checkpoints/update_" in rl_checkpoint  # evaluated what PPO trained, not the SFT weights
     assert (out / "sft" / "model.safetensors").is_file()
+    rl_algo = yaml.safe_load((out / "rl" / "config.yaml").read_text())["algo"]
+    assert (rl_algo["gamma"], rl_algo["gae_lambda"]) == (0.97, 0.9)
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "rl" / "videos" / "eval").rglob("*.mp4"))
