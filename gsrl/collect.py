@@ -6,7 +6,13 @@ the splat-rendered ``rgb/<camera>`` images) and the expert's normalized action, 
 step together so each render call draws a batch of them, as the env server does; by default only successful
 episodes are kept, as the reference keeps only its planner's successes (fact sheet 3.7).
 
-    gsrl collect -c gs_ppo --episodes 50 --out data/put-cube-demos [--noise 0.05] [--num-envs 4]
+With ``--noise STD`` collection is DART (Laskey et al. 2017): the env runs the expert's action plus Gaussian noise,
+so the demonstrations visit states off the clean path, and each state is labelled with the expert's *clean* action
+for it (``--label expert``, the default), so the policy learns to recover without learning the noise;
+``--label executed`` records the noisy action that was run instead. Success (and so which episodes are kept) is
+that of the executed, noisy episode.
+
+    gsrl collect -c gs_ppo --episodes 50 --out data/put-cube-demos [--noise 0.05] [--label expert] [--num-envs 4]
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ STATE_NAMES = (
     + ["tcp_x", "tcp_y", "tcp_z", "tcp_qw", "tcp_qx", "tcp_qy", "tcp_qz"]
 )
 ACTION_NAMES = ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"]
+LABELS = ("expert", "executed")
+"""What a frame's ``action`` is: the expert's clean action for the state (DART), or the noisy one the env ran."""
 
 
 @dataclass
@@ -66,14 +74,19 @@ class ExpertCollector:
     renders all envs' images in one call per step.
     """
 
-    def __init__(self, task: TaskConfig, num_envs: int, seed: int, noise_std: float = 0.0) -> None:
-
+    def __init__(
+        self, task: TaskConfig, num_envs: int, seed: int, noise_std: float = 0.0, label: str = "expert"
+    ) -> None:
         import gsrl.tasks  # noqa: F401  (registers the tasks)
         from gsrl.tasks.expert import EXPERT_CONTROL_MODES, ExpertConfig, PutCubeOnPlateExpert
 
         if task.control_mode not in EXPERT_CONTROL_MODES:
             raise ValueError(f"the expert acts in {EXPERT_CONTROL_MODES}; task.control_mode is {task.control_mode!r}")
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         self.task = task
+        self.noise_std = noise_std
+        self.label = label
         self.envs: list[Any] = []
         self.observer: Any = None
         for _ in range(num_envs):
@@ -111,16 +124,16 @@ class ExpertCollector:
                 images = self.observer.render([self.observer.snapshot(i) for i in range(len(self.envs))])
             for i, env in enumerate(self.envs):
                 recording, state = active[i]
-                action = self.experts[i].act(env)
+                step = self.experts[i].act(env)
                 recording.states.append(state)
-                recording.actions.append(action)
+                recording.actions.append(step.expert if self.label == "expert" else step.executed)
                 for key, frames in images.items():
                     recording.images.setdefault(key, []).append(frames[i])
-                obs, _reward, terminated, truncated, info = env.step(action)
+                obs, _reward, terminated, truncated, info = env.step(step.executed)
                 active[i] = (recording, proprioception(_flat_numpy(flatten_observation(obs))))
                 if not (bool(terminated.item()) or bool(truncated.item())):
                     continue
-                success = bool(info["success"].item())
+                success = bool(info["success"].item())  # of the executed (noisy) episode
                 result.attempted += 1
                 result.successes += success
                 if (success or not only_success) and result.kept < episodes:
@@ -179,7 +192,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl collect") -> int:
     add_config_arguments(parser)
     parser.add_argument("--episodes", type=int, required=True, help="episodes to write")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
-    parser.add_argument("--noise", type=float, default=0.0, metavar="STD", help="Gaussian action noise of the expert")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        metavar="STD",
+        help="std of Gaussian noise added to the arm dimensions of the action the env runs (DART; default 0); the "
+        "dataset's action is the expert's clean action unless --label executed",
+    )
+    parser.add_argument(
+        "--label",
+        choices=LABELS,
+        default="expert",
+        help="action recorded for each frame: 'expert' (default) the clean expert action for the state, "
+        "'executed' the noisy action the env ran (identical when --noise is 0)",
+    )
     parser.add_argument(
         "--only-success",
         action=argparse.BooleanOptionalAction,
@@ -196,12 +223,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl collect") -> int:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.num_envs < 1:
         parser.error(f"--num-envs must be >= 1, got {args.num_envs}")
+    if args.noise < 0:
+        parser.error(f"--noise must be >= 0, got {args.noise}")
     seed = config.run.seed if args.seed is None else args.seed
     max_attempts = args.max_attempts if args.max_attempts is not None else 3 * args.episodes + 10
     writer = LeRobotWriter(
         Path(args.out), fps=config.task.control_freq, state_names=STATE_NAMES, action_names=ACTION_NAMES
     )
-    collector = ExpertCollector(config.task, min(args.num_envs, args.episodes), seed, noise_std=args.noise)
+    collector = ExpertCollector(
+        config.task, min(args.num_envs, args.episodes), seed, noise_std=args.noise, label=args.label
+    )
     try:
         result = collector.collect(args.episodes, args.only_success, writer, max_attempts)
     finally:
@@ -211,7 +242,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl collect") -> int:
         return 1
     writer.close()
     print(
-        f"expert success rate {100.0 * result.success_rate:.1f}% ({result.successes}/{result.attempted} episodes); "
+        f"expert success rate {100.0 * result.success_rate:.1f}% ({result.successes}/{result.attempted} episodes, "
+        f"noise std {args.noise:g}, label {args.label}); "
         f"wrote {result.kept} episodes, {result.frames} frames to {args.out} in {result.seconds:.1f} s"
     )
     return 0 if result.kept >= args.episodes else 1

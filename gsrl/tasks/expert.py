@@ -71,15 +71,33 @@ class ExpertConfig:
     phase_step_budget: int = 15
     """Steps after which a moving phase gives up on its tolerance and moves on."""
     noise_std: float = 0.0
-    """Std of Gaussian noise added to every action dimension but the gripper (then clipped to [-1, 1]): diversity
-    of states in the demonstrations, the DART trick."""
+    """Std of Gaussian noise added to every action dimension but the gripper (then clipped to [-1, 1]) in the
+    *executed* action only (``ExpertAction.executed``): DART (Laskey et al. 2017) runs the perturbed action to visit
+    states off the clean path, and labels each state with the clean ``ExpertAction.expert``, so a policy learns to
+    recover from perturbations without learning the noise."""
+
+
+@dataclass(frozen=True)
+class ExpertAction:
+    """One step of the expert: the action to label the state with, and the action to run in the env.
+
+    Both are normalized float32 [7] in [-1, 1] (xyz, rotation, gripper; gripper +1 open, -1 closed); ``executed``
+    is ``expert`` plus ``noise_std`` Gaussian noise on the six arm dimensions, clipped (the gripper is never noised),
+    and the same array values as ``expert`` when ``noise_std`` is 0.
+    """
+
+    expert: np.ndarray
+    """The clean action for the current state: the demonstration's label (DART)."""
+    executed: np.ndarray
+    """The action to pass to ``env.step``."""
 
 
 class PutCubeOnPlateExpert:
     """Waypoint-tracking expert for one single-env ``PutCubeOnPlate-v0`` simulation.
 
     Call ``reset()`` at the start of every episode, then ``act(env)`` once per step with the env (or its
-    ``unwrapped``) to get the normalized action [7] (xyz, rotation, gripper; gripper +1 open, -1 closed).
+    ``unwrapped``): it returns an ``ExpertAction``, whose ``executed`` goes to ``env.step`` and whose ``expert`` is
+    the clean label to record (they differ only with ``noise_std`` > 0).
     """
 
     def __init__(self, config: ExpertConfig | None = None, seed: int = 0) -> None:
@@ -94,8 +112,8 @@ class PutCubeOnPlateExpert:
         self._grasp_offset: np.ndarray | None = None
         self._release_tcp: np.ndarray | None = None
 
-    def act(self, env: Any) -> np.ndarray:
-        """The action for the env's current state; advances the phase machine."""
+    def act(self, env: Any) -> ExpertAction:
+        """The clean and the executed action for the env's current state; advances the phase machine."""
         u = env.unwrapped
         tcp = u.agent.tcp_pose.p[0].double().cpu().numpy()
         cube = u.cube.pose.p[0].double().cpu().numpy()
@@ -148,10 +166,12 @@ class PutCubeOnPlateExpert:
         rot_error = matrix_to_axis_angle(ref_rot @ self._target_rot.T).numpy()
         action[3:6] = np.clip(cfg.rot_gain * rot_error / 0.1, -1.0, 1.0)
         action[6] = gripper
+        clean = np.clip(action, -1.0, 1.0).astype(np.float32)
+        executed = clean.copy()
         if cfg.noise_std > 0:
-            action[:6] += self.rng.normal(0.0, cfg.noise_std, 6)
+            executed[:6] = np.clip(clean[:6] + self.rng.normal(0.0, cfg.noise_std, 6), -1.0, 1.0)
         self.phase_steps += 1
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        return ExpertAction(expert=clean, executed=executed)
 
     def _advance(
         self, tcp: np.ndarray, cube: np.ndarray, plate_top: float, plate: np.ndarray, cube_half: float, grasped: bool

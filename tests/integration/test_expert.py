@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gsrl.tasks  # noqa: F401  (registers the tasks)
-from gsrl.tasks.expert import ExpertConfig, Phase, PutCubeOnPlateExpert
+from gsrl.tasks.expert import ExpertAction, ExpertConfig, Phase, PutCubeOnPlateExpert
 
 pytestmark = [
     pytest.mark.integration,
@@ -25,7 +25,7 @@ def _run_episodes(control_mode: str, seeds: list[int], noise_std: float = 0.0) -
             expert.reset()
             success = False
             for _ in range(50):
-                action = expert.act(env)
+                action = expert.act(env).executed
                 assert action.shape == (7,) and np.all(np.abs(action) <= 1.0)
                 _, _, terminated, truncated, info = env.step(action)
                 success = bool(info["success_strict"].item())
@@ -50,7 +50,7 @@ def test_expert_phases_run_in_order_and_release_the_cube() -> None:
         env.reset(seed=5)
         phases, grippers = [], []
         for _ in range(50):
-            action = expert.act(env)
+            action = expert.act(env).executed
             phases.append(int(expert.phase))
             grippers.append(float(action[6]))
             _, _, terminated, _, _ = env.step(action)
@@ -68,10 +68,67 @@ def test_noise_changes_actions_but_keeps_them_in_range() -> None:
     env = gym.make("PutCubeOnPlate-v0", num_envs=1, obs_mode="state", control_mode="pd_ee_delta_pose")
     try:
         env.reset(seed=1)
-        clean = PutCubeOnPlateExpert(ExpertConfig()).act(env)
-        noisy = PutCubeOnPlateExpert(ExpertConfig(noise_std=0.3), seed=1).act(env)
+        clean = PutCubeOnPlateExpert(ExpertConfig()).act(env).executed
+        noisy = PutCubeOnPlateExpert(ExpertConfig(noise_std=0.3), seed=1).act(env).executed
     finally:
         env.close()
     assert not np.allclose(clean[:6], noisy[:6])
     assert clean[6] == noisy[6] == 1.0  # the gripper command is never noised
     assert np.all(np.abs(noisy) <= 1.0)
+
+
+def test_noise_is_executed_but_the_label_is_the_clean_action() -> None:
+    """DART: the executed action is the clean one plus the expert's RNG noise (arm only, clipped); the label is
+    clean."""
+    env = gym.make("PutCubeOnPlate-v0", num_envs=1, obs_mode="state", control_mode="pd_ee_delta_pose")
+    std, seed = 0.3, 7
+    try:
+        env.reset(seed=1)
+        reference = PutCubeOnPlateExpert(ExpertConfig()).act(env)
+        step = PutCubeOnPlateExpert(ExpertConfig(noise_std=std), seed=seed).act(env)
+    finally:
+        env.close()
+    assert isinstance(step, ExpertAction)
+    assert step.expert.dtype == step.executed.dtype == np.float32
+    np.testing.assert_array_equal(step.expert, reference.expert)  # the noise never reaches the label
+    noise = np.random.default_rng(seed).normal(0.0, std, 6)  # the same RNG draw the expert makes
+    np.testing.assert_allclose(step.executed[:6], np.clip(step.expert[:6] + noise, -1.0, 1.0), atol=1e-6)
+    assert not np.allclose(step.executed[:6], step.expert[:6])
+    assert step.executed[6] == step.expert[6] == 1.0  # the gripper command is never noised
+    assert np.all(np.abs(step.executed) <= 1.0)
+
+
+def test_without_noise_label_and_executed_action_are_identical() -> None:
+    env = gym.make("PutCubeOnPlate-v0", num_envs=1, obs_mode="state", control_mode="pd_ee_delta_pose")
+    expert = PutCubeOnPlateExpert(ExpertConfig(noise_std=0.0), seed=3)
+    try:
+        env.reset(seed=2)
+        for _ in range(20):
+            step = expert.act(env)
+            np.testing.assert_array_equal(step.expert, step.executed)
+            env.step(step.executed)
+    finally:
+        env.close()
+
+
+def test_noisy_rollout_labels_every_visited_state_with_the_clean_expert_action() -> None:
+    """Along a noisy episode, each label equals what a noise-free expert (same phase machine) commands there."""
+    env = gym.make("PutCubeOnPlate-v0", num_envs=1, obs_mode="state", control_mode="pd_ee_delta_pose")
+    noisy = PutCubeOnPlateExpert(ExpertConfig(noise_std=0.1), seed=4)
+    shadow = PutCubeOnPlateExpert(ExpertConfig())
+    differs = 0
+    try:
+        env.reset(seed=3)
+        for _ in range(50):
+            clean = shadow.act(env)  # reads the same state; advances its own identical phase machine
+            step = noisy.act(env)
+            assert noisy.phase == shadow.phase
+            np.testing.assert_array_equal(step.expert, clean.expert)
+            assert step.executed[6] == step.expert[6]
+            differs += not np.allclose(step.executed[:6], step.expert[:6])
+            _, _, terminated, truncated, _ = env.step(step.executed)
+            if bool(terminated.item()) or bool(truncated.item()):
+                break
+    finally:
+        env.close()
+    assert differs > 5, "the noisy expert should have executed perturbed actions"
