@@ -75,7 +75,7 @@ trackA() {
 trackB() {
   export CUDA_VISIBLE_DEVICES=1
   sample_roles $R/vla/rl 1 $R/gpu-roles-1gpu.json &
-  OUT=$R/vla DEMOS=${DEMOS:-200} COLLECT_ENVS=16 SFT_STEPS=${SFT_STEPS:-2000} SFT_BATCH=${SFT_BATCH:-64} \
+  OUT=$R/vla DEMOS=${DEMOS:-200} COLLECT_ENVS=16 COLLECT_NOISE=${COLLECT_NOISE:-0.05} SFT_AUGMENT_SHIFT=8 SFT_STEPS=${SFT_STEPS:-2000} SFT_BATCH=${SFT_BATCH:-64} \
     EVAL_EPISODES=100 EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
     SFT_OVERRIDES_FILE=$R/sft_overrides RL_OVERRIDES_FILE=$R/rl_overrides \
     timeout -k 10 1300 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1

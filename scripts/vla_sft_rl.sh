@@ -11,9 +11,11 @@ CONFIG=${CONFIG:-gs_vla_ppo}
 OUT=${OUT:-runs/vla-pipeline}
 DEMOS=${DEMOS:-200}                 # successful expert episodes to record
 COLLECT_ENVS=${COLLECT_ENVS:-16}
+COLLECT_NOISE=${COLLECT_NOISE:-0}   # DART: the expert's executed actions get this Gaussian noise; labels stay clean
 SFT_STEPS=${SFT_STEPS:-3000}
 SFT_BATCH=${SFT_BATCH:-32}
 SFT_LR=${SFT_LR:-1e-4}
+SFT_AUGMENT_SHIFT=${SFT_AUGMENT_SHIFT:-0}  # random-shift augmentation of the images, pixels (DrQ)
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 EVAL_ENVS=${EVAL_ENVS:-25}
 RL_SECONDS=${RL_SECONDS:-1800}
@@ -44,10 +46,11 @@ step() {  # step NAME command...: run it, log its output, record its wall time
 }
 
 [ -d "$OUT/demos" ] || step collect $GSRL collect -c "$CONFIG" --episodes "$DEMOS" --num-envs "$COLLECT_ENVS" \
-  --out "$OUT/demos" "${overrides[@]}"
+  --noise "$COLLECT_NOISE" --out "$OUT/demos" "${overrides[@]}"
 mapfile -t sft_overrides < <(read_overrides "$SFT_OVERRIDES_FILE")
 [ -f "$OUT/sft/model.safetensors" ] || step sft $GSRL sft -c "$CONFIG" --data "$OUT/demos" --out "$OUT/sft" \
-  --steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --lr "$SFT_LR" "${overrides[@]}" "${sft_overrides[@]}"
+  --steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --lr "$SFT_LR" --augment-shift "$SFT_AUGMENT_SHIFT" \
+  "${overrides[@]}" "${sft_overrides[@]}"
 step eval-sft $GSRL eval -c "$CONFIG" --checkpoint "$OUT/sft" --episodes "$EVAL_EPISODES" --num-envs "$EVAL_ENVS" \
   --json "$OUT/eval-sft.json" "${overrides[@]}"
 mapfile -t rl_overrides < <(read_overrides "$RL_OVERRIDES_FILE")

@@ -8,9 +8,15 @@ checkpoints in the VLA's own layout (``model.safetensors`` + ``vla_config.json``
 ``gsrl eval --checkpoint`` and the learner (``policy.checkpoint``) load.
 
     gsrl sft -c gs_ppo policy.kind=vla --data data/put-cube-demos --out runs/sft [--steps 2000] [--batch-size 32]
+        [--augment-shift 8]
+
+``--augment-shift P`` translates every camera image of each training batch by a random (dy, dx) in [-P, P]
+(DrQ random shift, ``gsrl.data.augment``): the vision encoder is trained from scratch on a few thousand frames
+and overfits without it. 8 px (about 4 %) suits 224 px images; the default 0 keeps training unaugmented.
 
 Output: ``<out>/model.safetensors`` ... (final), ``<out>/checkpoints/step_<N>/`` (periodic),
-``<out>/tensorboard/`` (``sft/loss``, ``sft/lr``, ``sft/grad_norm``), ``<out>/sft_log.jsonl`` (one line per step).
+``<out>/tensorboard/`` (``sft/loss``, ``sft/lr``, ``sft/grad_norm``), ``<out>/sft_log.jsonl`` (one line per step),
+``<out>/sft_settings.json`` (the settings, batch size and seed of the run).
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gsrl.data.augment import random_shift
 from gsrl.data.lerobot import ACTION_FEATURE, STATE_FEATURE, ActionChunkDataset, LeRobotDataset
 
 log = logging.getLogger(__name__)
@@ -35,12 +42,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SFTSettings:
-    """Optimizer settings (the fields ``DeepSpeedEngine`` reads) and the schedule."""
+    """Optimizer settings (the fields ``DeepSpeedEngine`` reads), the schedule and the augmentation."""
 
     lr: float = 1e-4
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     steps: int = 1000
+    # Random-shift augmentation of every camera image, in pixels (``gsrl.data.augment.random_shift``); 0 = off.
+    augment_shift: int = 0
 
 
 def learning_rate(step: int, settings: SFTSettings) -> float:
@@ -70,6 +79,33 @@ def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
     low, high = torch.where(flat, low - 0.5, low), torch.where(flat, high + 0.5, high)
     norm.set_bounds(low, high)
     return True
+
+
+def augment_shift_error(shift: int, observation_shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why ``--augment-shift shift`` is invalid for these observations (None if it is fine).
+
+    The shift must be >= 0 and below half of every camera image's height and width (beyond that a shifted image
+    is mostly replicated border).
+    """
+    if shift < 0:
+        return f"--augment-shift must be >= 0, got {shift}"
+    images = {k: s for k, s in observation_shapes.items() if len(s) == 3 and s[-1] == 3}
+    for key, (height, width, _) in images.items():
+        if 2 * shift >= min(height, width):
+            return f"--augment-shift {shift} must be below half the image size ({key} is {height}x{width})"
+    return None
+
+
+def augment_images(
+    observations: dict[str, torch.Tensor], keys: Sequence[str] | None, shift: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``observations`` with ``random_shift`` applied to each image: the entries ``keys`` (the policy's
+    ``image_keys``), or every uint8 [B, H, W, 3] tensor when None. The other entries are passed through."""
+    if shift <= 0:
+        return observations
+    if keys is None:
+        keys = [k for k, v in observations.items() if v.dtype == torch.uint8 and v.dim() == 4 and v.shape[-1] == 3]
+    return {k: random_shift(v, shift, generator) if k in keys else v for k, v in observations.items()}
 
 
 def _batches(dataset: ActionChunkDataset, batch_size: int, seed: int) -> Iterator[Any]:
@@ -122,6 +158,12 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     tensorboard = TensorBoardLogger(out / "tensorboard")
     batches = _batches(dataset, batch_size, seed)
+    # Its own stream (not the shuffling generator's), so turning augmentation on does not change the batches.
+    augment_generator = torch.Generator().manual_seed(seed + 1_000_003)
+    image_keys = getattr(policy, "image_keys", None)
+    (out / "sft_settings.json").write_text(
+        json.dumps({**asdict(settings), "batch_size": batch_size, "seed": seed}, indent=2) + "\n"
+    )
     losses: list[float] = []
     bar = tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) if tqdm is not None else None
     started = last_log = time.perf_counter()
@@ -132,6 +174,7 @@ def train(
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 observations, action_chunks, instructions = next(batches)
+                observations = augment_images(observations, image_keys, settings.augment_shift, augment_generator)
                 loss = policy.flow_matching_loss(observations, action_chunks, list(instructions))
                 engine.backward(loss)
                 grad_norm = engine.step()
@@ -182,11 +225,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 5%% of --steps)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="periodic checkpoints (0 = final only)")
     parser.add_argument("--seed", type=int, default=None, help="shuffling and init seed (default run.seed)")
+    parser.add_argument(
+        "--augment-shift",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="random-shift augmentation (DrQ) of every camera image by up to PIXELS in each direction, "
+        "below half the image size (default 0 = off; 8 suits 224 px images)",
+    )
     args, config = parse_role_arguments(parser, argv, "sft")
     if config.policy.kind != "vla":
         parser.error(f"gsrl sft trains the VLA: set policy.kind=vla (config has {config.policy.kind!r})")
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
+    if args.augment_shift < 0:
+        parser.error(f"--augment-shift must be >= 0, got {args.augment_shift}")
     seed = config.run.seed if args.seed is None else args.seed
 
     # One rank unless launched under torchrun/deepspeed (which set these); the entry point owns the environment.
@@ -218,6 +271,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     action_shape = tuple(data.info["features"][ACTION_FEATURE]["shape"])
     if action_shape != (spec.action_dim,):
         parser.error(f"dataset actions are {action_shape}, the task's {spec.action_dim}")
+    shift_error = augment_shift_error(args.augment_shift, {k: s for k, (s, _dtype) in spec.observation_spec.items()})
+    if shift_error is not None:
+        parser.error(shift_error)
 
     torch.manual_seed(seed)
     deepspeed.init_distributed(dist_backend=backend)
@@ -231,18 +287,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         chunks = ActionChunkDataset(data, horizon)
         warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
         settings = SFTSettings(
-            lr=args.lr, max_grad_norm=config.algo.max_grad_norm, warmup_steps=warmup, steps=args.steps
+            lr=args.lr,
+            max_grad_norm=config.algo.max_grad_norm,
+            warmup_steps=warmup,
+            steps=args.steps,
+            augment_shift=args.augment_shift,
         )
         engine = DeepSpeedEngine(policy, settings, zero_stage=config.learner.zero_stage, bf16=use_cuda)
         policy = engine.module
         policy.train()
         log.info(
-            "SFT on %d episodes / %d frames, horizon %d, %d steps of %d",
+            "SFT on %d episodes / %d frames, horizon %d, %d steps of %d, augment shift %d px",
             data.num_episodes,
             data.num_frames,
             horizon,
             args.steps,
             args.batch_size,
+            args.augment_shift,
         )
         out = Path(args.out)
         losses = train(
