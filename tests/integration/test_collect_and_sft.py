@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _sft_run import REPO_ROOT, run_sft
 from safetensors.torch import load_file
 
 from gsrl.collect import main as collect_main
@@ -27,14 +24,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
 ]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _task_overrides(tmp_path: Path) -> list[str]:
@@ -62,36 +51,8 @@ def test_collect_then_sft(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert np.all(np.abs(episode.actions) <= 1.0) and episode.actions[-1, 6] == 1.0  # released at the end
 
     out = tmp_path / "sft"
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
-    command = [
-        sys.executable,
-        "-m",
-        "gsrl.cli",
-        "sft",
-        "-c",
-        "gs_ppo",
-        *overrides,
-        "policy.kind=vla",
-        "policy.action_chunk=4",
-        "learner.zero_stage=1",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--steps",
-        "24",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-3",
-        "--warmup-steps",
-        "0",
-        "--checkpoint-every",
-        "12",
-        "--seed",
-        "0",
-    ]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=480)
+    options = ["--steps", "24", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "0"]
+    proc = run_sft(data, out, overrides, [*options, "--checkpoint-every", "12", "--seed", "0"], timeout_s=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     log = [json.loads(line) for line in (out / "sft_log.jsonl").read_text().splitlines()]

@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _sft_run import run_sft
 
 from gsrl.data.lerobot import Episode, LeRobotWriter
 
 pytestmark = pytest.mark.integration
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _dataset(root: Path) -> Path:
@@ -52,37 +42,9 @@ def _dataset(root: Path) -> Path:
 
 
 def _sft(tmp_path: Path, data: Path, out: Path, shift: int) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
-    command = [
-        sys.executable,
-        "-m",
-        "gsrl.cli",
-        "sft",
-        "-c",
-        "gs_ppo",
-        "task.render.width=32",
-        "task.render.height=32",
-        f"task.render.cache_dir={tmp_path / 'splat-cache'}",
-        "task.render.device=cpu",
-        "policy.kind=vla",
-        "policy.action_chunk=4",
-        "learner.zero_stage=1",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "0",
-        "--seed",
-        "0",
-        "--augment-shift",
-        str(shift),
-    ]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    overrides = ["task.render.width=32", "task.render.height=32", f"task.render.cache_dir={tmp_path / 'splat-cache'}"]
+    options = ["--steps", "2", "--batch-size", "4", "--checkpoint-every", "0", "--seed", "0"]
+    return run_sft(data, out, [*overrides, "task.render.device=cpu"], [*options, "--augment-shift", str(shift)], 300)
 
 
 def test_sft_with_augment_shift(tmp_path: Path) -> None:
