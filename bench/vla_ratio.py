@@ -44,9 +44,10 @@ SETUPS = ("bf16 learner", "bf16 autocast", "fp32")
 
 
 def measure(
-    policy: VLAPolicy, load: Workload, setup: str, rollout_batch: int, minibatch: int, seed: int, clip: float
+    policy: VLAPolicy, load: Workload, setup: str, rollout_batch: int, minibatch: int, seeds: range, clip: float
 ) -> RatioFigures:
-    """Rolls out ``rollout_batch`` random observations at once, then recomputes them ``minibatch`` rows at a time."""
+    """For each seed, rolls out ``rollout_batch`` random observations at once, then recomputes them ``minibatch``
+    rows at a time; the figures cover every sample of every seed."""
     if setup not in SETUPS:
         raise ValueError(f"unknown setup {setup!r}; known: {SETUPS}")
     device = next(policy.parameters()).device
@@ -56,24 +57,25 @@ def measure(
     learner.bf16_autocast = setup != "fp32"
     if setup == "bf16 learner":
         learner = learner.to(torch.bfloat16)
-    obs = {k: torch.from_numpy(v).to(device) for k, v in load.observations(rollout_batch, seed).items()}
     instructions = [load.spec.instruction] * rollout_batch
-    out = server.act(obs, instructions)
     log_ratios, value_diffs = [], []
-    with torch.no_grad():
-        for start in range(0, rollout_batch, minibatch):
-            rows = slice(start, start + minibatch)
-            extras = {k: v[rows] for k, v in out.extras.items()}
-            logp, _, values = learner.evaluate_actions(
-                {k: v[rows] for k, v in obs.items()}, out.action_chunk[rows], instructions[rows], extras
-            )
-            log_ratios.append(logp.float() - out.logprobs[rows].float())
-            value_diffs.append((values.float() - out.values[rows].float()).abs())
+    for seed in seeds:
+        obs = {k: torch.from_numpy(v).to(device) for k, v in load.observations(rollout_batch, seed).items()}
+        out = server.act(obs, instructions)
+        with torch.no_grad():
+            for start in range(0, rollout_batch, minibatch):
+                rows = slice(start, start + minibatch)
+                extras = {k: v[rows] for k, v in out.extras.items()}
+                logp, _, values = learner.evaluate_actions(
+                    {k: v[rows] for k, v in obs.items()}, out.action_chunk[rows], instructions[rows], extras
+                )
+                log_ratios.append(logp.float() - out.logprobs[rows].float())
+                value_diffs.append((values.float() - out.values[rows].float()).abs())
     log_ratio = torch.cat(log_ratios)
     ratio = log_ratio.exp()
     return RatioFigures(
         setup=setup,
-        samples=rollout_batch,
+        samples=log_ratio.numel(),
         mean_abs_log_ratio=float(log_ratio.abs().mean()),
         max_abs_log_ratio=float(log_ratio.abs().max()),
         clipped_fraction=float(((ratio - 1.0).abs() > clip).float().mean()),
@@ -85,20 +87,7 @@ def run(preset: str, device: torch.device, rollout_batch: int, minibatch: int, r
     torch.manual_seed(0)
     load = workload(preset)
     policy = VLAPolicy(load.spec.observation_spec, ACTION_DIM, CHUNK, preset=preset, **POLICY_SETTINGS).to(device)
-    results = []
-    for setup in SETUPS:
-        parts = [measure(policy, load, setup, rollout_batch, minibatch, seed, 0.2) for seed in range(repeats)]
-        results.append(
-            RatioFigures(
-                setup=setup,
-                samples=sum(p.samples for p in parts),
-                mean_abs_log_ratio=sum(p.mean_abs_log_ratio for p in parts) / len(parts),
-                max_abs_log_ratio=max(p.max_abs_log_ratio for p in parts),
-                clipped_fraction=sum(p.clipped_fraction for p in parts) / len(parts),
-                value_max_abs_diff=max(p.value_max_abs_diff for p in parts),
-            )
-        )
-    return results
+    return [measure(policy, load, setup, rollout_batch, minibatch, range(repeats), 0.2) for setup in SETUPS]
 
 
 def report(results: list[RatioFigures]) -> str:

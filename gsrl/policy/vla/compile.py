@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-COMPILED_FUNCTIONS: tuple[str, ...] = ("encode_prefix", "predict_velocity", "forward_joint")
 DEFAULT_MAX_BATCH = 64  # PolicyServerConfig.max_batch_size's default
 # Graphs per compiled function: act/value buckets (7 up to 64), with and without grad, train and eval minibatches.
 RECOMPILE_LIMIT = 64

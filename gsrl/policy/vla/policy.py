@@ -149,7 +149,6 @@ class VLAPolicy(Policy):
         if train_expert_only:
             for module in (self.model.vision_tower, self.model.multi_modal_projector, self.model.language_model):
                 module.requires_grad_(False)
-        self.compile_mode = compile_mode
         self.compile_max_batch = compile_max_batch
         # Pad act/value batches to a bucket (one compiled graph per bucket); on with compilation, settable for tests.
         self.pad_batches = bool(compile_mode)
