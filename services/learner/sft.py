@@ -36,6 +36,8 @@ import torch
 
 from gsrl.data.augment import random_shift
 from gsrl.data.lerobot import ACTION_FEATURE, STATE_FEATURE, ActionChunkDataset, LeRobotDataset
+from gsrl.policy.base import ObservationSpec
+from gsrl.policy.vla.inputs import default_image_keys
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +83,16 @@ def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
     return True
 
 
-def augment_shift_error(shift: int, observation_shapes: dict[str, tuple[int, ...]]) -> str | None:
+def augment_shift_error(shift: int, observation_spec: ObservationSpec) -> str | None:
     """Why ``--augment-shift shift`` is invalid for these observations (None if it is fine).
 
     The shift must be >= 0 and below half of every camera image's height and width (beyond that a shifted image
-    is mostly replicated border).
+    is mostly replicated border); the camera images are the VLA's (``default_image_keys``).
     """
     if shift < 0:
         return f"--augment-shift must be >= 0, got {shift}"
-    images = {k: s for k, s in observation_shapes.items() if len(s) == 3 and s[-1] == 3}
-    for key, (height, width, _) in images.items():
+    for key in default_image_keys(observation_spec):
+        height, width, _ = observation_spec[key][0]
         if 2 * shift >= min(height, width):
             return f"--augment-shift {shift} must be below half the image size ({key} is {height}x{width})"
     return None
@@ -271,7 +273,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     action_shape = tuple(data.info["features"][ACTION_FEATURE]["shape"])
     if action_shape != (spec.action_dim,):
         parser.error(f"dataset actions are {action_shape}, the task's {spec.action_dim}")
-    shift_error = augment_shift_error(args.augment_shift, {k: s for k, (s, _dtype) in spec.observation_spec.items()})
+    shift_error = augment_shift_error(args.augment_shift, spec.observation_spec)
     if shift_error is not None:
         parser.error(shift_error)
 

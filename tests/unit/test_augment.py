@@ -81,7 +81,7 @@ def test_augment_images_shifts_only_the_image_keys() -> None:
 
 
 def test_augment_shift_error() -> None:
-    shapes = {"state": (25,), "rgb/3rd_view_camera": (32, 40, 3)}
+    shapes = {"state": ((25,), "float32"), "rgb/3rd_view_camera": ((32, 40, 3), "uint8")}
     assert augment_shift_error(0, shapes) is None
     assert augment_shift_error(15, shapes) is None
     assert "below half" in str(augment_shift_error(16, shapes))
