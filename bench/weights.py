@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from bench.common import Row, Sizes
 from gsrl.redis_server import LocalRedis
-from gsrl.weight_group import _broadcast, _new_process_group
+from gsrl.weight_group import _broadcast, _new_process_group, close_process_group
 from gsrl.weights import WeightPublisher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,13 +97,9 @@ def close_group(pg: dist.ProcessGroup, backend: str) -> None:
     NCCL's ``shutdown`` finalizes the communicator, which waits on the other ranks; the bench and its peers leave on
     their own schedules (and a peer may already be killed), so a shutdown could hang the stage at its very end.
     """
-    try:
-        if backend == "nccl":
-            pg.abort()
-        else:
-            pg.shutdown()
-    except Exception as exc:  # noqa: BLE001 - teardown after a failure may fail in many ways
-        print(f"bench: weights: closing the baseline group: {exc}", file=sys.stderr, flush=True)
+    error = close_process_group(pg, abort=backend == "nccl")
+    if error is not None:
+        print(f"bench: weights: closing the baseline group: {error}", file=sys.stderr, flush=True)
 
 
 def _devices(sizes: Sizes) -> tuple[str, list[str], str]:

@@ -85,13 +85,23 @@ class _Group:
         shut its NCCL group down hung at exit (seen on 2 x H100). Every broadcast has completed by then (each is
         waited on), so ``abort``, which only frees this rank's side, loses nothing.
         """
-        try:
-            if self.broken or self.device.type == "cuda":
-                self.pg.abort()
-            else:
-                self.pg.shutdown()
-        except Exception as exc:  # noqa: BLE001 - teardown of a broken group may fail in many ways
-            logger.debug("closing weight group %d: %s", self.generation, exc)
+        error = close_process_group(self.pg, abort=self.broken or self.device.type == "cuda")
+        if error is not None:
+            logger.debug("closing weight group %d: %s", self.generation, error)
+
+
+def close_process_group(pg: dist.ProcessGroup, *, abort: bool) -> Exception | None:
+    """Tears ``pg`` down: ``abort`` frees only this rank's side and waits on nobody (what an NCCL group needs when
+    its peers leave on their own schedules), ``shutdown`` finalizes it with the others. Returns the error the
+    teardown raised, if any, for the caller to report: teardown after a failure may fail in many ways."""
+    try:
+        if abort:
+            pg.abort()
+        else:
+            pg.shutdown()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return exc
+    return None
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
