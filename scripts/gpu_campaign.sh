@@ -5,7 +5,7 @@
 # (it picks the PPO runs' precision), GPU tests, then
 # `python -m bench --full` stage by stage until a deadline, then `bench.vla_profile` eager and compiled.
 # Track B (GPU 1, second half): scripts/vla_sft_rl.sh (collect, SFT, eval, PPO 1-GPU, eval, curve) + GPU use per role.
-# Then both GPUs: the NCCL weight-broadcast bench and the 2-GPU run (gs_vla_ppo_2gpu) on track B's cores.
+# First, alone on both GPUs: the NCCL weight-broadcast bench. Last: the 2-GPU run (gs_vla_ppo_2gpu) on track B's cores.
 set -u
 # Run from a private copy: later device calls re-sync the working tree under the repo root.
 rm -rf /tmp/repo && mkdir -p /tmp/repo && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . | tar xf - -C /tmp/repo && cd /tmp/repo
@@ -17,12 +17,17 @@ log() { echo "$(date +%T) +$((SECONDS - T0))s $*" | tee -a $R/campaign.log; }
 NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); HALF=$((NCPU / 2))
 A_CPUS=0-$((HALF - 1)); B_CPUS=$HALF-$((NCPU - 1))
 A_DEADLINE=${A_DEADLINE:-660}
-RL_SECONDS=${RL_SECONDS:-360}
-RUN2_SECONDS=${RUN2_SECONDS:-150}
+RL_SECONDS=${RL_SECONDS:-480}
+RUN2_SECONDS=${RUN2_SECONDS:-150}  # 0: skip the 2-GPU run
 # PPO batches of 16 segments (x 8 envs x 4 chunks = 512 chunk samples): a few minutes hold more than a handful of updates
 RUN_OVERRIDES=${RUN_OVERRIDES:-}
 log "gpus=$NGPU cpus=$NCPU A=$A_CPUS B=$B_CPUS"
 nvidia-smi > $R/nvidia-smi.txt 2>&1; nvidia-smi topo -m > $R/topo.txt 2>&1
+# The NCCL weight-broadcast bench first, alone on both GPUs (NVLink figures unshared with the tracks' kernels);
+# gsplat's kernels build meanwhile
+CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 240 python3 -m bench --full --only weights --out $R/bench/weights \
+  > $R/bench/weights.log 2>&1
+log "weights rc=$? $(grep -iE 'broadcast|GB/s' $R/bench/weights.log | tail -3 | tr -s ' ' | tr '\n' '|')"
 for _ in $(seq 240); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log)"
 
@@ -54,11 +59,16 @@ choose_compile() {  # SFT compiled (2.3x per step on an H100) only if the compil
 trackA() {
   CUDA_VISIBLE_DEVICES=0 choose_compile
   CUDA_VISIBLE_DEVICES=0 choose_precision
+  export CUDA_VISIBLE_DEVICES=0
+  for st in ${A_FIRST_STAGES:-whole_loop}; do  # issue 8's missing row, before the GPU tests
+    timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
+    log "A: $st rc=$?"
+  done
   [ -n "${SKIP_PYTEST:-}" ] || timeout -k 10 360 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q -rs tests/gpu \
     tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
   log "A: pytest gpu rc=$? $(tail -1 $R/pytest-gpu.log)"
   export CUDA_VISIBLE_DEVICES=0
-  for st in ${A_STAGES:-whole_loop transport codec gs_render}; do
+  for st in ${A_STAGES:-transport codec gs_render}; do
     if (( SECONDS - T0 > A_DEADLINE )); then log "A: $st skipped (deadline)"; continue; fi
     timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
     log "A: $st rc=$?"
@@ -79,15 +89,14 @@ trackB() {
     SFT_AUGMENT_SHIFT=${SFT_AUGMENT_SHIFT:-8} SFT_STEPS=${SFT_STEPS:-2000} SFT_BATCH=${SFT_BATCH:-64} \
     EVAL_EPISODES=100 EVAL_ENVS=25 RL_SECONDS=$RL_SECONDS GSRL="python3 -m gsrl.cli" OVERRIDES="$RUN_OVERRIDES" \
     SFT_OVERRIDES_FILE=$R/sft_overrides RL_OVERRIDES_FILE=$R/rl_overrides \
-    timeout -k 10 1300 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1
+    timeout -k 10 1500 taskset -c $B_CPUS bash scripts/vla_sft_rl.sh > $R/vla.log 2>&1
   log "B: vla pipeline rc=$? $(tr '\n' ' ' < $R/vla/timings.tsv)"
   wait
 }
 
 trackA & trackB & wait
 export CUDA_VISIBLE_DEVICES=0,1
-timeout -k 10 300 python3 -m bench --full --only weights --out $R/bench/weights > $R/bench/weights.log 2>&1
-log "weights rc=$?"
+if (( RUN2_SECONDS == 0 )); then log "2-GPU run skipped (RUN2_SECONDS=0)"; log "DONE"; touch $R/DONE; exit 0; fi
 ckpt=(); [ -f $R/vla/sft/model.safetensors ] && ckpt=(policy.checkpoint=$R/vla/sft)
 sample_roles $R/run2gpu 0,1 $R/gpu-roles-2gpu.json &
 timeout -k 10 $((RUN2_SECONDS + 240)) taskset -c $B_CPUS python3 -m gsrl.cli train -c gs_vla_ppo_2gpu \
