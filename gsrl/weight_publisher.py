@@ -25,7 +25,9 @@ from gsrl.weight_group import (
     _Keys,
     _new_process_group,
     _redis_now,
+    _stream_ordered,
     _timedelta,
+    _wait,
     _wire_device,
 )
 from gsrl.weight_layout import (
@@ -89,8 +91,10 @@ class WeightPublisher:
     buffer set that this publish filled and that no later publish touches until the write is done: the learner waits
     for the broadcast only, a late joiner still finds a consistent snapshot, at most the one before the newest
     publish (the latest queued snapshot wins; ``flush_snapshot`` waits for it). Up to three buffer sets may exist at
-    once (broadcasting, being written, queued). Buckets travel in pieces of ``piece_bytes`` (the header says so), so
-    the copy of one piece overlaps the transfer of the one before.
+    once (broadcasting, being written, queued). Over gloo buckets travel in pieces of ``piece_bytes`` (the header says
+    so), so the CPU copy of one piece overlaps the transfer of the one before. Over NCCL the copies are kernels that
+    the GPU orders before each broadcast by itself: everything is posted at once and waited for once at the end, and
+    ``piece_bytes`` defaults to 0 (whole buckets), since a piece only adds a collective's overhead there.
     """
 
     def __init__(
@@ -109,7 +113,7 @@ class WeightPublisher:
         snapshot_every: int = 1,
         gloo_hostname: str | None = None,
         snapshot_background: bool = True,
-        piece_bytes: int = WIRE_PIECE_BYTES,
+        piece_bytes: int | None = None,
     ) -> None:
         self._redis = redis_client
         self._key_prefix = key_prefix
@@ -118,6 +122,8 @@ class WeightPublisher:
         self._backend = backend
         self._wire = _wire_device(backend, torch.device(device))
         self._bucket_bytes = int(bucket_bytes)
+        if piece_bytes is None:
+            piece_bytes = 0 if _stream_ordered(self._wire) else WIRE_PIECE_BYTES
         self._piece_bytes = int(piece_bytes)  # 0: each bucket in one broadcast
         self._timeout_s = float(timeout_s)
         self._ttl_s = float(subscriber_ttl_s)
@@ -129,8 +135,10 @@ class WeightPublisher:
         self._publishes = 0
         self._closed = False
         self._layout: tuple[TensorSpec, ...] | None = None  # the last published layout, its hash and bucket plan
+        self._signature: list[tuple[str, torch.Size, torch.dtype]] | None = None  # what the layout was made from
         self._digest = 0
         self._buckets: tuple[Bucket, ...] = ()
+        self._snapshot_sizes: dict[int, int] = {}  # digits of the version -> snapshot bytes, for this plan
         self._pool = BufferPool(max_sets=3)  # broadcasting, being snapshotted, queued for a snapshot
         self._snapshots = SnapshotWriter(redis_client, key_prefix) if snapshot_background else None
         # Our own listening socket, so bind_host is honoured (TCPStore alone binds every interface).
@@ -177,10 +185,16 @@ class WeightPublisher:
         if self._last_version is not None and version <= self._last_version:
             raise ValueError(f"version {version} is not newer than the last published {self._last_version}")
         start = time.perf_counter()
-        layout = tensor_layout(state_dict)
-        if layout != self._layout:  # a new layout: new plan, and the pool drops the old buffers at acquire
-            self._layout, self._digest = layout, layout_hash(layout)
-            self._buckets = plan_buckets(layout, self._bucket_bytes)
+        # The same names, shapes and dtypes in the same order give the same layout; comparing them costs a quarter of
+        # building the sorted layout (a millisecond for a thousand tensors, before the first byte moves).
+        signature = [(name, tensor.shape, tensor.dtype) for name, tensor in state_dict.items()]
+        if signature != self._signature:
+            layout = tensor_layout(state_dict)
+            if layout != self._layout:  # a new layout: new plan, and the pool drops the old buffers at acquire
+                self._layout, self._digest = layout, layout_hash(layout)
+                self._buckets = plan_buckets(layout, self._bucket_bytes)
+                self._snapshot_sizes = {}
+            self._signature = signature
         buckets = self._buckets
         self._publishes += 1
         snapshot_due = bool(self._snapshot_every) and (self._publishes - 1) % self._snapshot_every == 0
@@ -332,6 +346,7 @@ class WeightPublisher:
 
         The tensors behind piece ``k + 1`` are copied while piece ``k`` travels, and those of the first piece while the
         subscribers wake up to the announcement, so the copies hide behind transfers that the baseline pays as well.
+        Over gloo the CPU does the copies, so it waits for each piece before the next; over NCCL the GPU orders them.
         """
         sequence = group.sent + 1
         with self._redis.pipeline(transaction=False) as pipe:
@@ -339,18 +354,19 @@ class WeightPublisher:
             pipe.publish(self._keys.wake, sequence)
             pipe.execute()
         group.sent = sequence  # only once announced: subscribers count the same messages we do
-        copy_all = buffers is not None  # a snapshot reads these buffers later, so no bucket may skip them
         sources: dict[int, tuple[torch.Tensor, int]] = {}  # bucket -> (flat source, specs filled so far)
+        if buffers is None:  # no snapshot reads the buffers later, so a bucket that is one tensor may skip them
+            for index, bucket in enumerate(buckets):
+                direct = self._as_sent(bucket, state_dict)
+                if direct is not None:
+                    sources[index] = (direct, len(bucket.specs))
+            if len(sources) < len(buckets):  # before anything is posted, in case it has to allocate
+                buffers = self._pool.acquire(buckets, self._wire)
 
         def ready(index: int, upto: int) -> torch.Tensor:
             """Bucket ``index``'s flat source with (at least) its first ``upto`` elements in place."""
-            nonlocal buffers
             if index not in sources:
-                direct = None if copy_all else self._as_sent(buckets[index], state_dict)
-                if direct is not None:
-                    sources[index] = (direct, len(buckets[index].specs))
-                    return direct
-                buffers = buffers or self._pool.acquire(buckets, self._wire)
+                assert buffers is not None
                 sources[index] = (buffers.flats[index], 0)
             flat, done = sources[index]
             specs = len(buckets[index].specs)
@@ -376,9 +392,21 @@ class WeightPublisher:
             HEADER_MAGIC, group.generation, sequence, version, len(buckets), self._digest, self._piece_bytes,
             self._bucket_bytes,
         ]  # fmt: skip
-        _broadcast(group.pg, torch.tensor(header, dtype=torch.int64, device=self._wire), self._timeout_s)
+        control = [torch.tensor(header, dtype=torch.int64, device=self._wire)]
         if buckets:
-            _broadcast(group.pg, bucket_descriptor(buckets).to(self._wire), self._timeout_s)
+            control.append(bucket_descriptor(buckets).to(self._wire))
+        if _stream_ordered(self._wire):
+            # NCCL runs the broadcasts in order on its stream, each after what this thread's stream had queued when it
+            # was posted (its fills), so nothing needs the CPU to wait in between: post all, then wait for all. If a
+            # fill fails midway the caller aborts the group, which ends the sends already posted.
+            works = [_broadcast_start(group.pg, tensor, self._timeout_s) for tensor in control]
+            for index, start, stop in pieces:
+                works.append(_broadcast_start(group.pg, as_bytes(ready(index, stop)[start:stop]), self._timeout_s))
+            for work in works:
+                _wait(work, self._timeout_s, self._wire)
+            return sum(bucket.nbytes for bucket in buckets)
+        for tensor in control:
+            _broadcast(group.pg, tensor, self._timeout_s)
         for k, (index, start, stop) in enumerate(pieces):
             flat = ready(index, stop)
             work = _broadcast_start(group.pg, as_bytes(flat[start:stop]), self._timeout_s)
@@ -386,7 +414,7 @@ class WeightPublisher:
                 if k + 1 < len(pieces):
                     ready(pieces[k + 1][0], pieces[k + 1][2])
             finally:
-                work.wait(_timedelta(self._timeout_s))  # never leave a posted send behind, even if a fill failed
+                _wait(work, self._timeout_s, self._wire)  # never leave a posted send behind, even if a fill failed
         return sum(bucket.nbytes for bucket in buckets)
 
     def _as_sent(self, bucket: Bucket, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -406,7 +434,12 @@ class WeightPublisher:
             if not done:
                 buffers.fill(index, state_dict)
         views = buffers.views()
-        nbytes = snapshot_nbytes(buffers.buckets, version)
+        # The header (a JSON entry per tensor, milliseconds for a large model) differs between versions only in the
+        # version's digits, so its size is worked out once per plan and number of digits.
+        digits = len(str(version))
+        if digits not in self._snapshot_sizes:
+            self._snapshot_sizes[digits] = snapshot_nbytes(buffers.buckets, version)
+        nbytes = self._snapshot_sizes[digits]
         if buffers.device.type == "cuda":  # the writer's thread reads on its own stream: the copies must be done
             torch.cuda.current_stream(buffers.device).synchronize()
         if self._snapshots is not None:

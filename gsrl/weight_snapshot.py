@@ -166,6 +166,29 @@ def read_snapshot(client: redis.Redis, key_prefix: str) -> tuple[dict[str, torch
 # ---------------------------------------------------------------- background writer
 
 
+def _to_host(buckets: Sequence[tuple[Bucket, torch.Tensor]]) -> list[tuple[Bucket, torch.Tensor]]:
+    """CPU copies of the buffers; those on a GPU are read on a side stream of their own.
+
+    On this thread's current stream (the device's default stream) a copy of a large model, tens of milliseconds, would
+    sit in the stream that the learner's own kernels use and hold them up. The buffers are complete when they are
+    submitted (the publisher synchronized the stream that filled them), so the side stream needs to wait for nothing.
+    It comes from torch's high-priority pool because the weight group's NCCL stream comes from the other pool
+    (``is_high_priority_stream = False``): a pool hands its streams out in turn, and sharing one with the broadcast
+    would queue the next publish behind this copy. Priority does not matter to a copy.
+    """
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    out: list[tuple[Bucket, torch.Tensor]] = []
+    for bucket, flat in buckets:
+        if flat.device.type != "cuda":
+            out.append((bucket, flat.to("cpu")))
+            continue
+        if flat.device not in streams:
+            streams[flat.device] = torch.cuda.Stream(flat.device, priority=-1)
+        with torch.cuda.stream(streams[flat.device]):
+            out.append((bucket, flat.to("cpu")))  # pageable memory: returns once the copy is done
+    return out
+
+
 @dataclass(frozen=True)
 class SnapshotResult:
     """One finished (or failed) background snapshot; ``error`` is None on success."""
@@ -271,7 +294,7 @@ class SnapshotWriter:
         start = time.perf_counter()
         try:
             # A device buffer comes to the CPU here, off the learner's thread; the device views go right after.
-            cpu = [(bucket, flat.to("cpu")) for bucket, flat in job.buckets]
+            cpu = _to_host(job.buckets)
             job.buckets = []
             pieces = encode_snapshot(cpu, job.version, self._chunk_bytes)
             nbytes = write_snapshot_pieces(self._client, self._key_prefix, pieces, job.version, set_version=False)

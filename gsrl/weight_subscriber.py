@@ -22,11 +22,14 @@ from gsrl.weight_group import (
     HEADER_LEN,
     HEADER_MAGIC,
     _broadcast,
+    _broadcast_start,
     _Group,
     _Keys,
     _new_process_group,
     _redis_now,
+    _stream_ordered,
     _timedelta,
+    _wait,
     _wire_device,
 )
 from gsrl.weight_layout import (
@@ -281,19 +284,45 @@ class WeightSubscriber:
         sizes = [(WIRE_DTYPES[code], numel) for code, numel in descriptor.tolist()]
         plan = self._plan(bucket_bytes) if digest == self._digest else ()
         if digest != self._digest or [(b.dtype, b.numel) for b in plan] != sizes:
-            for dtype, numel in sizes:  # drain anyway so the group stays in step
-                for start, stop in piece_ranges(numel, dtype.itemsize, piece_bytes):
-                    nbytes = (stop - start) * dtype.itemsize
-                    _broadcast(group.pg, self._drain_buffer(nbytes, group.device), self._timeout_s)
+            drain = [  # receive anyway so the group stays in step
+                self._drain_buffer((stop - start) * dtype.itemsize, group.device)
+                for dtype, numel in sizes
+                for start, stop in piece_ranges(numel, dtype.itemsize, piece_bytes)
+            ]
+            self._wait_all(group, self._post(group, drain))
             self._refuse(version, "broadcast", f"layout hash {digest:#x} != template {self._digest:#x}")
             return
         buffers = self._pool.acquire(plan, group.device)
-        for flat in buffers.flats:
-            for start, stop in piece_ranges(flat.numel(), flat.element_size(), piece_bytes):
-                _broadcast(group.pg, as_bytes(flat[start:stop]), self._timeout_s)
-        tensors = {name: t.to(self._device) for name, t in buffers.tensors().items()}
-        del buffers  # only the views in ``tensors`` keep the set busy now
+        pieces = [
+            as_bytes(flat[start:stop])
+            for flat in buffers.flats
+            for start, stop in piece_ranges(flat.numel(), flat.element_size(), piece_bytes)
+        ]
+        works = self._post(group, pieces)
+        # Over NCCL the bytes are still travelling and these are views only: a thousand of them cost milliseconds of
+        # CPU, about what 1 GiB takes over NVLink, so they are made meanwhile. Over gloo the bytes are in (and may
+        # move to another device here).
+        tensors = buffers.tensors(self._device)
+        del buffers, pieces  # only the views in ``tensors`` keep the set busy now
+        self._wait_all(group, works)
         self._deliver(tensors, version)
+
+    def _post(self, group: _Group, pieces: list[torch.Tensor]) -> list[dist.Work]:
+        """Receive ``pieces`` in order: over gloo here, one after another; over NCCL posted at once for ``_wait_all``.
+
+        NCCL runs them in order on its own stream, so nothing needs the CPU in between; waiting for each (as gloo
+        does) left the link idle while the CPU noticed that the previous piece was done.
+        """
+        if not _stream_ordered(group.device):
+            for piece in pieces:
+                _broadcast(group.pg, piece, self._timeout_s)
+            return []
+        return [_broadcast_start(group.pg, piece, self._timeout_s) for piece in pieces]
+
+    def _wait_all(self, group: _Group, works: list[dist.Work]) -> None:
+        """Block until every posted receive is in, so ``on_weights`` gets bytes that any stream may read at once."""
+        for work in works:
+            _wait(work, self._timeout_s, group.device)
 
     def _plan(self, bucket_bytes: int) -> tuple[Bucket, ...]:
         """The template's bucket plan for the publisher's ``bucket_bytes`` (computed once per size)."""
