@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from gsrl.config import PolicyConfig
 from gsrl.data.augment import random_shift
 from gsrl.data.lerobot import ACTION_FEATURE, STATE_FEATURE, ActionChunkDataset, LeRobotDataset
 from gsrl.policy.base import ObservationSpec
@@ -61,6 +62,18 @@ def learning_rate(step: int, settings: SFTSettings) -> float:
     span = max(settings.steps - settings.warmup_steps, 1)
     progress = min((step - settings.warmup_steps) / span, 1.0)
     return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def sft_policy_kwargs(policy_config: PolicyConfig) -> dict[str, Any]:
+    """The VLA's constructor arguments for SFT: the run's, with the whole model trainable.
+
+    ``policy.train_expert_only`` is an RL setting (RLinf freezes SigLIP, projector and LM in PPO; gs_vla_ppo sets
+    it). Without pretrained weights SFT is what trains those parts: frozen at their random initialisation, only the
+    action expert and value head learn (41M of the ``small`` preset's 229M parameters), the policy cannot find the
+    cube in the image, and it learns the demonstrations' average motion (on the tiny preset the loss stalled at 0.34
+    and the open-loop error equalled that of predicting zeros; trained whole, 0.12 and a third of it).
+    """
+    return {**policy_config.kwargs(), "train_expert_only": False}
 
 
 def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
@@ -280,9 +293,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     torch.manual_seed(seed)
     deepspeed.init_distributed(dist_backend=backend)
     try:
-        policy = build_policy(
-            "vla", spec.observation_spec, spec.action_dim, config.policy.action_chunk, **config.policy.kwargs()
-        )
+        if config.policy.train_expert_only:
+            log.info("policy.train_expert_only is for RL: SFT trains the whole VLA (vision tower and LM included)")
+        kwargs = sft_policy_kwargs(config.policy)
+        policy = build_policy("vla", spec.observation_spec, spec.action_dim, config.policy.action_chunk, **kwargs)
         if set_state_bounds_from_stats(policy, data):
             log.info("state normalizer bounds set from the dataset's q01/q99")
         horizon = int(policy.config.action_horizon)

@@ -8,6 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from gsrl.data.lerobot import Episode, LeRobotWriter
 from gsrl.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,3 +26,25 @@ def run_sft(
     command += ["policy.kind=vla", "policy.action_chunk=4", "learner.zero_stage=1"]
     command += ["--data", str(data), "--out", str(out), *options]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def synthetic_dataset(root: Path) -> Path:
+    """A small LeRobot dataset of the splat task's shapes (32x32 camera, 25-d state, 7-d action), two episodes of a
+    moving square, so SFT checks do not depend on the scripted expert."""
+    writer = LeRobotWriter(root, fps=20)
+    rng = np.random.default_rng(0)
+    for length in (6, 8):
+        frames = np.zeros((length, 32, 32, 3), dtype=np.uint8)
+        for t in range(length):  # a moving square on a coloured field
+            frames[t] = (40 + 10 * t, 80, 120)
+            frames[t, 4 + t : 16 + t, 8:20] = (220, 200, 30)
+        writer.add_episode(
+            Episode(
+                states=rng.normal(size=(length, 25)).astype(np.float32),
+                actions=rng.uniform(-1, 1, size=(length, 7)).astype(np.float32),
+                images={"rgb/3rd_view_camera": frames},
+                task="pick up the cube and put it on the plate",
+            )
+        )
+    writer.close()
+    return root

@@ -12,33 +12,10 @@ import math
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _sft_run import run_sft
-
-from gsrl.data.lerobot import Episode, LeRobotWriter
+from _sft_run import run_sft, synthetic_dataset
 
 pytestmark = pytest.mark.integration
-
-
-def _dataset(root: Path) -> Path:
-    writer = LeRobotWriter(root, fps=20)
-    rng = np.random.default_rng(0)
-    for length in (6, 8):
-        frames = np.zeros((length, 32, 32, 3), dtype=np.uint8)
-        for t in range(length):  # a moving square on a coloured field
-            frames[t] = (40 + 10 * t, 80, 120)
-            frames[t, 4 + t : 16 + t, 8:20] = (220, 200, 30)
-        writer.add_episode(
-            Episode(
-                states=rng.normal(size=(length, 25)).astype(np.float32),
-                actions=rng.uniform(-1, 1, size=(length, 7)).astype(np.float32),
-                images={"rgb/3rd_view_camera": frames},
-                task="pick up the cube and put it on the plate",
-            )
-        )
-    writer.close()
-    return root
 
 
 def _sft(tmp_path: Path, data: Path, out: Path, shift: int) -> subprocess.CompletedProcess[str]:
@@ -48,7 +25,7 @@ def _sft(tmp_path: Path, data: Path, out: Path, shift: int) -> subprocess.Comple
 
 
 def test_sft_with_augment_shift(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "demos")
+    data = synthetic_dataset(tmp_path / "demos")
     out = tmp_path / "sft"
     proc = _sft(tmp_path, data, out, 4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
