@@ -26,7 +26,7 @@ import torch
 
 from bench.common import Row, Sizes, interleaved
 from gsrl.redis_server import LocalRedis
-from gsrl.stream import SEGMENT_FIELD, SegmentConsumer, SegmentProducer, StreamKeys, segment_to_proto
+from gsrl.stream import SEGMENT_FIELD, SegmentConsumer, SegmentProducer, StreamKeys, segment_to_bytes
 from gsrl.trajectory import Segment
 
 STATE_DIM, ACTION_DIM, CHUNK, SEGMENT_LENGTH = 46, 7, 1, 16  # configs/state_ppo.yaml
@@ -94,7 +94,7 @@ def _row(
     """``batch``: segments per gsrl append call, and XADDs per raw round trip."""
     n = len(segments)
     # Segment ids stay fixed so the bytes match; the dedupe key is per prefix, and every repeat uses a new prefix.
-    payloads = [segment_to_proto(s).SerializeToString() for s in segments]
+    payloads = [segment_to_bytes(s) for s in segments]  # the bytes the producer stores
     total_bytes = float(sum(len(p) for p in payloads))
 
     def batches(size: int) -> list[range]:

@@ -166,3 +166,27 @@ def test_acknowledging_more_ids_than_one_lua_slice(redis_client: redis.Redis) ->
     consumer.acknowledge([e.entry_id for e in entries[:1100]], dropped=[e.entry_id for e in entries[1100:]])
     assert redis_client.xlen(keys.stream) == 0
     assert read_counter(redis_client, keys.consumed) == 1100 and read_counter(redis_client, keys.dropped) == 100
+
+
+def test_a_duplicate_id_inside_a_batch_and_across_batches_is_stored_once(redis_client: redis.Redis) -> None:
+    keys = StreamKeys("ref9")
+    producer = SegmentProducer(redis_client, keys, max_len=10)  # inline payloads: one script call per batch
+    a, b, c = (make_segment(version=v, segment_id=f"dup-{v}") for v in range(3))
+    first = producer.append_many([a, b, a])  # the same segment twice in one call
+    assert first[0] and first[1] and first[2] is None
+    second = producer.append_many([c, b, a])  # across batches: only the new one goes in
+    assert second[0] and second[1:] == [None, None]
+    assert producer.append(b) is None and producer.append_many([c, c]) == [None, None]
+    entries = SegmentConsumer(redis_client, keys, "learners", "rank-0").read(10, block_ms=100)
+    assert [e.segment.segment_id for e in entries] == ["dup-0", "dup-1", "dup-2"]
+    assert read_counter(redis_client, keys.produced) == 3
+
+
+def test_inline_appends_survive_redis_losing_its_scripts(redis_client: redis.Redis) -> None:
+    keys = StreamKeys("ref10")
+    producer = SegmentProducer(redis_client, keys, max_len=100)
+    producer.append_many([make_segment(version=v) for v in range(16)])
+    redis_client.script_flush()
+    ids = producer.append_many([make_segment(version=v) for v in range(16)])
+    assert all(ids) and redis_client.xlen(keys.stream) == 32
+    assert read_counter(redis_client, keys.produced) == 32

@@ -71,3 +71,55 @@ def test_malformed_tensors_are_refused(message: tensor_pb2.Tensor, fragment: str
 def test_unsupported_source_dtype() -> None:
     with pytest.raises(TypeError, match="complex"):
         codec.encode(np.zeros(2, np.complex64))
+
+
+WIRE_CASES = [
+    *[(np.arange(24).reshape(2, 3, 4) % 7).astype(d) for d in NUMPY_DTYPES],
+    np.arange(5, dtype=">i4"),  # big-endian input
+    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),  # not C-contiguous
+    (np.arange(40000) % 251).astype(np.uint8).reshape(200, 200),  # large: passed on as a view, not copied
+    np.float32(2.5),  # scalar: no shape field
+    np.zeros((0, 3), np.float32),  # empty: no data field
+    torch.randn(300, 100).t(),  # non-contiguous and large
+    torch.randn(200, 100).to(torch.bfloat16),
+    torch.randn(5, requires_grad=True),
+    torch.tensor([True, False, True]),
+]
+
+
+@pytest.mark.parametrize("array", WIRE_CASES, ids=lambda a: f"{type(a).__name__}-{a.dtype}-{list(a.shape)}")
+def test_append_tensor_field_writes_what_protobuf_serializes(array: np.ndarray | torch.Tensor) -> None:
+    """The hand-written field parses to exactly ``encode(array)``, and is as long as protobuf's own bytes."""
+    from gsrl.v1 import trajectory_pb2  # any message with a Tensor field: action_chunks is field 6
+
+    pieces: list = []
+    codec.append_tensor_field(pieces, codec.varint(6 << 3 | 2), array)
+    written = b"".join(pieces)
+    expected = trajectory_pb2.TrajectorySegment(action_chunks=codec.encode(array))
+    assert trajectory_pb2.TrajectorySegment.FromString(written) == expected
+    assert len(written) == len(expected.SerializeToString())
+
+
+def test_append_tensor_map_field_writes_what_protobuf_serializes() -> None:
+    from gsrl.v1 import trajectory_pb2  # observations: field 4
+
+    tensors = {"state": np.ones((4, 5), np.float32), "rgb": np.zeros((4, 3, 64, 64), np.uint8), "é": np.zeros(0)}
+    pieces: list = []
+    codec.append_tensor_map_field(pieces, codec.varint(4 << 3 | 2), tensors)
+    expected = trajectory_pb2.TrajectorySegment(observations=codec.encode_map(tensors))
+    assert trajectory_pb2.TrajectorySegment.FromString(b"".join(pieces)) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (300, b"\xac\x02"), (16384, b"\x80\x80\x01")],
+)
+def test_varint(value: int, wire: bytes) -> None:
+    assert codec.varint(value) == wire
+
+
+def test_small_one_dimensional_tensors_are_writable_and_owned() -> None:
+    message = codec.encode(torch.arange(4, dtype=torch.float32))  # the bytearray path of to_torch
+    first, second = codec.to_torch(message), codec.to_torch(message)
+    first += 1
+    assert torch.equal(second, torch.arange(4, dtype=torch.float32)) and first.dtype == torch.float32
