@@ -285,7 +285,7 @@ class PolicyConfig:
     # loaded by policy servers and learners; a learner's own resume checkpoint takes precedence.
     # vla only: size preset (tiny: CPU tests | small: one GPU | pi05: the published shapes), how the flow is made
     # stochastic for PPO (flow_sde | flow_noise), denoising steps, the SDE noise level, and whether only the
-    # action expert (and heads) train
+    # action expert (and heads) train in RL (`gsrl sft` always trains the whole model)
     vla_preset: str = "tiny"
     noise_method: str = "flow_sde"
     num_denoise_steps: int = 4
