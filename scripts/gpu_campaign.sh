@@ -19,7 +19,7 @@ A_CPUS=0-$((HALF - 1)); B_CPUS=$HALF-$((NCPU - 1))
 A_DEADLINE=${A_DEADLINE:-660}
 RL_SECONDS=${RL_SECONDS:-480}
 RUN2_SECONDS=${RUN2_SECONDS:-150}  # 0: skip the 2-GPU run
-# PPO batches of 16 segments (x 8 envs x 4 chunks = 512 chunk samples): a few minutes hold more than a handful of updates
+# more overrides for every gsrl step of both tracks and the 2-GPU run
 RUN_OVERRIDES=${RUN_OVERRIDES:-}
 log "gpus=$NGPU cpus=$NCPU A=$A_CPUS B=$B_CPUS"
 nvidia-smi > $R/nvidia-smi.txt 2>&1; nvidia-smi topo -m > $R/topo.txt 2>&1
@@ -67,7 +67,6 @@ trackA() {
   [ -n "${SKIP_PYTEST:-}" ] || timeout -k 10 360 taskset -c $A_CPUS python3 -m pytest -p no:hydra_pytest -q -rs tests/gpu \
     tests/integration/test_gs_env.py > $R/pytest-gpu.log 2>&1
   log "A: pytest gpu rc=$? $(tail -1 $R/pytest-gpu.log)"
-  export CUDA_VISIBLE_DEVICES=0
   for st in ${A_STAGES:-transport codec gs_render}; do
     if (( SECONDS - T0 > A_DEADLINE )); then log "A: $st skipped (deadline)"; continue; fi
     timeout -k 10 420 taskset -c $A_CPUS python3 -m bench --full --only $st --out $R/bench/$st > $R/bench/$st.log 2>&1
