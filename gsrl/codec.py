@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gsrl.v1 import tensor_pb2
-from gsrl.wire_dtypes import DTYPE_BY_NUMPY, NUMPY_BY_DTYPE, encode_numpy
+from gsrl.wire_dtypes import NUMPY_BY_DTYPE, encode_numpy, numpy_wire_view
 
 # Refuse absurd sizes before allocating: 2 GiB is far above any observation or segment.
 MAX_TENSOR_BYTES = 2 << 30
@@ -79,16 +79,6 @@ def _torch_wire_view(tensor: torch.Tensor) -> tuple[int, np.ndarray]:
     return dtype, view
 
 
-def _numpy_wire_view(array: np.ndarray) -> tuple[int, np.ndarray]:
-    """``_torch_wire_view`` for numpy input, with ``encode_numpy``'s rules (big-endian input is converted)."""
-    array = np.asarray(array)
-    dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
-    if dtype is None:
-        raise TypeError(f"cannot encode numpy dtype {array.dtype}")
-    wire = NUMPY_BY_DTYPE[dtype]
-    return dtype, array if array.dtype == wire else array.astype(wire)
-
-
 def encode(array: np.ndarray | torch.Tensor) -> tensor_pb2.Tensor:
     """numpy array or torch tensor -> Tensor message (``tobytes`` copies once, protobuf once more)."""
     if isinstance(array, torch.Tensor):
@@ -138,7 +128,7 @@ def append_tensor_field(out: list, tag: bytes, array: np.ndarray | torch.Tensor)
     ``b"".join(out)`` then holds what serializing a message with ``encode(array)`` in that field writes; pieces
     may be views of ``array`` (join them before changing it). ``tag`` is ``varint(field_number << 3 | 2)``.
     """
-    dtype, view = _torch_wire_view(array) if isinstance(array, torch.Tensor) else _numpy_wire_view(array)
+    dtype, view = _torch_wire_view(array) if isinstance(array, torch.Tensor) else numpy_wire_view(array)
     head = _tensor_head(dtype, view.shape)
     nbytes = view.nbytes
     if not nbytes:

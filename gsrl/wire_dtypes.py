@@ -26,13 +26,17 @@ NUMPY_BY_DTYPE: dict[int, np.dtype] = {
 DTYPE_BY_NUMPY = {(v.kind, v.itemsize): k for k, v in NUMPY_BY_DTYPE.items()}
 
 
-def encode_numpy(array: np.ndarray) -> tensor_pb2.Tensor:
-    """numpy array -> ``gsrl.v1.Tensor``: little-endian, C order (``tobytes`` copies a strided view into C order)."""
+def numpy_wire_view(array: np.ndarray) -> tuple[int, np.ndarray]:
+    """(wire dtype, the array in its little-endian wire dtype): the input itself unless it was big-endian."""
     array = np.asarray(array)
     dtype = DTYPE_BY_NUMPY.get((array.dtype.kind, array.dtype.itemsize))
     if dtype is None:
         raise TypeError(f"cannot encode numpy dtype {array.dtype}")
     wire = NUMPY_BY_DTYPE[dtype]
-    if array.dtype != wire:  # big-endian input
-        array = array.astype(wire)
+    return dtype, array if array.dtype == wire else array.astype(wire)
+
+
+def encode_numpy(array: np.ndarray) -> tensor_pb2.Tensor:
+    """numpy array -> ``gsrl.v1.Tensor``: little-endian, C order (``tobytes`` copies a strided view into C order)."""
+    dtype, array = numpy_wire_view(array)
     return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
