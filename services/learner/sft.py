@@ -10,6 +10,9 @@ checkpoints in the VLA's own layout (``model.safetensors`` + ``vla_config.json``
     gsrl sft -c gs_ppo policy.kind=vla --data data/put-cube-demos --out runs/sft [--steps 2000] [--batch-size 32]
         [--augment-shift 8]
 
+``--data`` takes several datasets (``--data demos-0 demos-1 ...``) and trains on all their frames: ``gsrl collect``
+is one process, so demonstrations are recorded fastest by several collectors with different ``--seed`` at once.
+
 ``--augment-shift P`` translates every camera image of each training batch by a random (dy, dx) in [-P, P]
 (DrQ random shift, ``gsrl.data.augment``): the vision encoder is trained from scratch on a few thousand frames
 and overfits without it. 8 px (about 4 %) suits 224 px images; the default 0 keeps training unaugmented.
@@ -76,7 +79,18 @@ def sft_policy_kwargs(policy_config: PolicyConfig) -> dict[str, Any]:
     return {**policy_config.kwargs(), "train_expert_only": False}
 
 
-def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
+def state_bounds(datasets: Sequence[LeRobotDataset]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demonstrations' state range: q01/q99 (min/max where a dataset has no quantiles), and over several
+    datasets the widest, the smallest low and the largest high, so no dataset's states fall outside it."""
+    lows, highs = [], []
+    for dataset in datasets:
+        stats = dataset.stats()[STATE_FEATURE]
+        lows.append(torch.as_tensor(stats.get("q01", stats["min"]), dtype=torch.float32))
+        highs.append(torch.as_tensor(stats.get("q99", stats["max"]), dtype=torch.float32))
+    return torch.stack(lows).amin(0), torch.stack(highs).amax(0)
+
+
+def set_state_bounds_from_stats(policy: Any, datasets: LeRobotDataset | Sequence[LeRobotDataset]) -> bool:
     """Give the VLA's state normalizer the demonstrations' q01/q99 (min/max if absent), as pi0.5 normalizes.
 
     Only when the policy reads exactly the dataset's ``state`` (so the dimensions line up); returns whether it did.
@@ -84,9 +98,7 @@ def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
     norm = getattr(policy, "state_norm", None)
     if norm is None or list(getattr(policy, "state_keys", [])) != ["state"]:
         return False
-    stats = dataset.stats()[STATE_FEATURE]
-    low = torch.as_tensor(stats.get("q01", stats["min"]), dtype=torch.float32)
-    high = torch.as_tensor(stats.get("q99", stats["max"]), dtype=torch.float32)
+    low, high = state_bounds([datasets] if isinstance(datasets, LeRobotDataset) else datasets)
     if low.shape != norm.low.shape:
         return False
     # A dimension that never moved in the demos (q01 == q99) would map to +-1 at the slightest change: widen it.
@@ -94,6 +106,18 @@ def set_state_bounds_from_stats(policy: Any, dataset: LeRobotDataset) -> bool:
     low, high = torch.where(flat, low - 0.5, low), torch.where(flat, high + 0.5, high)
     norm.set_bounds(low, high)
     return True
+
+
+def dataset_mismatch(data: LeRobotDataset, observation_spec: ObservationSpec, action_dim: int) -> str | None:
+    """How a dataset's observations or actions differ from the task's (None if they match), for the CLI error."""
+    shapes = data.observation_shapes()
+    mismatched = {k: (s, shapes.get(k)) for k, (s, _dtype) in observation_spec.items() if shapes.get(k) != s}
+    if mismatched:
+        return f"does not match the task's observations (task, dataset): {mismatched}"
+    action_shape = tuple(data.info["features"][ACTION_FEATURE]["shape"])
+    if action_shape != (action_dim,):
+        return f"has actions of shape {action_shape}, the task's are ({action_dim},)"
+    return None
 
 
 def augment_shift_error(shift: int, observation_spec: ObservationSpec) -> str | None:
@@ -123,7 +147,7 @@ def augment_images(
     return {k: random_shift(v, shift, generator) if k in keys else v for k, v in observations.items()}
 
 
-def _batches(dataset: ActionChunkDataset, batch_size: int, seed: int) -> Iterator[Any]:
+def _batches(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> Iterator[Any]:
     """Shuffled batches forever (a new permutation each epoch), so the step count, not epochs, ends training."""
     generator = torch.Generator().manual_seed(seed)
     while True:
@@ -155,7 +179,7 @@ def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Pat
 def train(
     policy: Any,
     engine: Any,
-    dataset: ActionChunkDataset,
+    dataset: torch.utils.data.Dataset,
     settings: SFTSettings,
     batch_size: int,
     out: Path,
@@ -232,7 +256,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         prog=prog, description="Fine-tune the run's VLA on a LeRobot dataset with the flow-matching loss (DeepSpeed)."
     )
     add_config_arguments(parser)
-    parser.add_argument("--data", required=True, metavar="DIR", help="LeRobot dataset (gsrl collect --out)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="DIR",
+        help="LeRobot dataset(s) (gsrl collect --out); several train on all their frames",
+    )
     parser.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint and log directory")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
@@ -277,15 +307,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     from gsrl.policy import build_policy
     from services.learner.engine import DeepSpeedEngine
 
-    data = LeRobotDataset(args.data)
+    datasets = [LeRobotDataset(path) for path in args.data]
     spec = probe_env_spec(config.task)
-    shapes = data.observation_shapes()
-    mismatched = {k: (s, shapes.get(k)) for k, (s, _dtype) in spec.observation_spec.items() if shapes.get(k) != s}
-    if mismatched:
-        parser.error(f"dataset {args.data} does not match the task's observations (task, dataset): {mismatched}")
-    action_shape = tuple(data.info["features"][ACTION_FEATURE]["shape"])
-    if action_shape != (spec.action_dim,):
-        parser.error(f"dataset actions are {action_shape}, the task's {spec.action_dim}")
+    for path, data in zip(args.data, datasets, strict=True):
+        problem = dataset_mismatch(data, spec.observation_spec, spec.action_dim)
+        if problem is not None:
+            parser.error(f"dataset {path} {problem}")
     shift_error = augment_shift_error(args.augment_shift, spec.observation_spec)
     if shift_error is not None:
         parser.error(shift_error)
@@ -297,10 +324,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
             log.info("policy.train_expert_only is for RL: SFT trains the whole VLA (vision tower and LM included)")
         kwargs = sft_policy_kwargs(config.policy)
         policy = build_policy("vla", spec.observation_spec, spec.action_dim, config.policy.action_chunk, **kwargs)
-        if set_state_bounds_from_stats(policy, data):
+        if set_state_bounds_from_stats(policy, datasets):
             log.info("state normalizer bounds set from the dataset's q01/q99")
         horizon = int(policy.config.action_horizon)
-        chunks = ActionChunkDataset(data, horizon)
+        chunks = torch.utils.data.ConcatDataset([ActionChunkDataset(data, horizon) for data in datasets])
         warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
         settings = SFTSettings(
             lr=args.lr,
@@ -313,9 +340,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         policy = engine.module
         policy.train()
         log.info(
-            "SFT on %d episodes / %d frames, horizon %d, %d steps of %d, augment shift %d px",
-            data.num_episodes,
-            data.num_frames,
+            "SFT on %d episodes / %d frames (%d dataset(s)), horizon %d, %d steps of %d, augment shift %d px",
+            sum(data.num_episodes for data in datasets),
+            sum(data.num_frames for data in datasets),
+            len(datasets),
             horizon,
             args.steps,
             args.batch_size,

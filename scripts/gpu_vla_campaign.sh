@@ -1,0 +1,94 @@
+#!/bin/bash
+# Issue 5's measurement on a GPU host, from the repo root, detached (the device tool's calls poll it):
+#   setsid nohup bash scripts/gpu_vla_campaign.sh > /tmp/campaign.out 2>&1 < /dev/null &
+# 1. demonstrations: COLLECTORS `gsrl collect` processes at once (different --seed, one per core slice, spread over
+#    the GPUs), DEMOS_EACH successful expert episodes each (DART noise, clean labels);
+# 2. `gsrl sft` on all of them (GPU 0), compiled when the compiled VLA matches eager on this GPU;
+# 3. `gsrl eval` of the SFT checkpoint, then PPO from it: variant A (RL_A, default: the committed recipe) on GPU 0
+#    and, with 2 GPUs, variant B (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
+# 4. `gsrl eval` of each PPO's last checkpoint (videos), and a learning curve per variant.
+# Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
+set -u
+rm -rf /tmp/repo && mkdir -p /tmp/repo && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . | tar xf - -C /tmp/repo && cd /tmp/repo
+R=${RESULTS:-/tmp/results}; mkdir -p $R
+[ -f /tmp/gsrl-device.env ] && source /tmp/gsrl-device.env  # the device tool's setup (../shared/device)
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+log() { echo "$(date +%T) +$((SECONDS - T0))s $*" | tee -a $R/campaign.log; }
+CONFIG=${CONFIG:-gs_vla_ppo}
+COLLECTORS=${COLLECTORS:-4}
+DEMOS_EACH=${DEMOS_EACH:-100}
+COLLECT_NOISE=${COLLECT_NOISE:-0.05}
+SFT_STEPS=${SFT_STEPS:-3000}
+SFT_BATCH=${SFT_BATCH:-64}
+SFT_LR=${SFT_LR:-1e-4}
+SFT_SHIFT=${SFT_SHIFT:-8}
+EVAL_EPISODES=${EVAL_EPISODES:-100}
+RL_SECONDS=${RL_SECONDS:-540}
+RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
+RL_B=${RL_B:-policy.train_expert_only=false}  # variant B (GPU 1)
+NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); HALF=$((NCPU / 2))
+CPUS=(0-$((HALF - 1)) $HALF-$((NCPU - 1)))
+GSRL="python3 -m gsrl.cli"
+log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
+nvidia-smi > $R/nvidia-smi.txt 2>&1
+for _ in $(seq 240); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
+log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
+
+# 1. demonstrations, and meanwhile the compile probe on GPU 0
+( CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 python3 -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
+    -k default > $R/compile-test.log 2>&1 && echo "policy.compile_mode=default" > $R/sft_overrides || : > $R/sft_overrides
+  log "compile probe -> SFT overrides '$(cat $R/sft_overrides)' $(tail -1 $R/compile-test.log)" ) &
+slice=$((NCPU / COLLECTORS)); data=()
+for i in $(seq 0 $((COLLECTORS - 1))); do
+  data+=($R/demos-$i)
+  CUDA_VISIBLE_DEVICES=$((i % NGPU)) taskset -c $((i * slice))-$(((i + 1) * slice - 1)) timeout -k 10 600 \
+    $GSRL collect -c $CONFIG --episodes $DEMOS_EACH --num-envs 8 --noise $COLLECT_NOISE --seed $((1000 * i)) \
+    --out $R/demos-$i > $R/collect-$i.log 2>&1 &
+done
+wait
+log "collect: $(for i in $(seq 0 $((COLLECTORS - 1))); do tail -1 $R/collect-$i.log | cut -c1-160; done | tr '\n' '|')"
+
+# 2. SFT on every dataset
+start=$SECONDS
+CUDA_VISIBLE_DEVICES=0 timeout -k 10 1200 $GSRL sft -c $CONFIG --data "${data[@]}" --out $R/sft --steps $SFT_STEPS \
+  --batch-size $SFT_BATCH --lr $SFT_LR --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft.log 2>&1
+log "sft rc=$? $((SECONDS - start))s $(tail -1 $R/sft.log | cut -c1-200)"
+
+evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of 100 episodes
+  local name=$1 ckpt=$2 gpu=$3 cpus=$4 start=$SECONDS; shift 4
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 600 $GSRL eval -c $CONFIG --checkpoint $ckpt \
+    --episodes $EVAL_EPISODES --num-envs 25 --json $R/eval-$name.json "$@" > $R/eval-$name.log 2>&1
+  log "eval $name rc=$? $((SECONDS - start))s $(grep -E 'success_once' $R/eval-$name.log | tail -1 | cut -c1-200)"
+}
+
+ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, its evaluation and curve
+  # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i)
+  local name=$1 gpu=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
+    --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS \
+    policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
+    "$@" > $R/rl-$name.log 2>&1
+  log "rl $name rc=$? $((SECONDS - start))s $(grep -E '^iter' $R/rl-$name.log | tail -1)"
+  local last; last=$(ls -d $R/rl-$name/checkpoints/update_* 2>/dev/null | sort | tail -1)
+  [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
+  evaluate rl-$name $last $gpu $cpus --videos 2
+  $GSRL curve $R/rl-$name --out $R/curve-$name.png --eval "SFT=$R/eval-sft.json" --eval "RL=$R/eval-rl-$name.json" \
+    --title "$CONFIG: SFT, then PPO ($name)" > $R/curve-$name.log 2>&1
+}
+
+monitor() {  # a progress line per PPO run every 60 s, for the poll calls
+  while [ ! -f $R/DONE ]; do sleep 60
+    for f in $R/rl-*.log; do [ -f $f ] && log "$(basename $f): $(grep -E '^iter' $f | tail -1 | cut -c1-150)"; done
+  done
+}
+
+# 3-4. SFT evaluation beside PPO: A on GPU 0 / first half of the cores, B on GPU 1 / second half
+monitor &
+mon=$!
+evaluate sft $R/sft 0 ${CPUS[0]} &
+ppo A 0 ${CPUS[0]} 0 $RL_A &
+(( NGPU > 1 )) && ppo B 1 ${CPUS[1]} 50 $RL_B &
+wait $(jobs -p | grep -v "^$mon$")
+kill $mon 2>/dev/null
+log "DONE"; touch $R/DONE
