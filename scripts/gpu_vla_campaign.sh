@@ -26,38 +26,44 @@ SFT_SHIFT=${SFT_SHIFT:-8}
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
-RL_B=${RL_B:-policy.train_expert_only=false}  # variant B (GPU 1)
-NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); HALF=$((NCPU / 2))
+RL_B=${RL_B:-policy.train_expert_only=false}  # variant B (GPU 1); $R/rl_b_overrides, if written by then, wins
+OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
+COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}; NCPU=$(nproc); HALF=$((NCPU / 2))
 CPUS=(0-$((HALF - 1)) $HALF-$((NCPU - 1)))
 GSRL="python3 -m gsrl.cli"
 log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
 nvidia-smi > $R/nvidia-smi.txt 2>&1
-for _ in $(seq 240); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
+for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
 
 # 1. demonstrations, and meanwhile the compile probe on GPU 0
-( CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 python3 -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
+( [ "$COMPILE_PROBE" = 1 ] && CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 python3 -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
     -k default > $R/compile-test.log 2>&1 && echo "policy.compile_mode=default" > $R/sft_overrides || : > $R/sft_overrides
   log "compile probe -> SFT overrides '$(cat $R/sft_overrides)' $(tail -1 $R/compile-test.log)" ) &
 slice=$((NCPU / COLLECTORS)); data=()
 for i in $(seq 0 $((COLLECTORS - 1))); do
   data+=($R/demos-$i)
   CUDA_VISIBLE_DEVICES=$((i % NGPU)) taskset -c $((i * slice))-$(((i + 1) * slice - 1)) timeout -k 10 600 \
-    $GSRL collect -c $CONFIG --episodes $DEMOS_EACH --num-envs 8 --noise $COLLECT_NOISE --seed $((1000 * i)) \
+    $GSRL collect -c $CONFIG $OVERRIDES --episodes $DEMOS_EACH --num-envs 8 --noise $COLLECT_NOISE --seed $((1000 * i)) \
     --out $R/demos-$i > $R/collect-$i.log 2>&1 &
 done
 wait
+finish() { log "$*"; log "DONE"; touch $R/DONE; exit 0; }
 log "collect: $(for i in $(seq 0 $((COLLECTORS - 1))); do tail -1 $R/collect-$i.log | cut -c1-160; done | tr '\n' '|')"
+
+for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no dataset $d: stopping"; done
 
 # 2. SFT on every dataset
 start=$SECONDS
-CUDA_VISIBLE_DEVICES=0 timeout -k 10 1200 $GSRL sft -c $CONFIG --data "${data[@]}" --out $R/sft --steps $SFT_STEPS \
+CUDA_VISIBLE_DEVICES=0 timeout -k 10 1200 $GSRL sft -c $CONFIG $OVERRIDES --data "${data[@]}" --out $R/sft --steps $SFT_STEPS \
   --batch-size $SFT_BATCH --lr $SFT_LR --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft.log 2>&1
 log "sft rc=$? $((SECONDS - start))s $(tail -1 $R/sft.log | cut -c1-200)"
+[ -f $R/sft/model.safetensors ] || finish "no SFT checkpoint: stopping"
 
 evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of 100 episodes
   local name=$1 ckpt=$2 gpu=$3 cpus=$4 start=$SECONDS; shift 4
-  CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 600 $GSRL eval -c $CONFIG --checkpoint $ckpt \
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 600 $GSRL eval -c $CONFIG $OVERRIDES --checkpoint $ckpt \
     --episodes $EVAL_EPISODES --num-envs 25 --json $R/eval-$name.json "$@" > $R/eval-$name.log 2>&1
   log "eval $name rc=$? $((SECONDS - start))s $(grep -E 'success_once' $R/eval-$name.log | tail -1 | cut -c1-200)"
 }
@@ -68,7 +74,7 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
     --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
-    "$@" > $R/rl-$name.log 2>&1
+    $OVERRIDES "$@" > $R/rl-$name.log 2>&1
   log "rl $name rc=$? $((SECONDS - start))s $(grep -E '^iter' $R/rl-$name.log | tail -1)"
   local last; last=$(ls -d $R/rl-$name/checkpoints/update_* 2>/dev/null | sort | tail -1)
   [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
@@ -88,6 +94,8 @@ monitor &
 mon=$!
 evaluate sft $R/sft 0 ${CPUS[0]} &
 ppo A 0 ${CPUS[0]} 0 $RL_A &
+[ -f $R/rl_b_overrides ] && RL_B=$(cat $R/rl_b_overrides)
+log "PPO A overrides '$RL_A', B overrides '$RL_B'"
 (( NGPU > 1 )) && ppo B 1 ${CPUS[1]} 50 $RL_B &
 wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
