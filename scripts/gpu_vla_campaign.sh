@@ -3,7 +3,7 @@
 #   setsid nohup bash scripts/gpu_vla_campaign.sh > /tmp/campaign.out 2>&1 < /dev/null &
 # 1. demonstrations: COLLECTORS `gsrl collect` processes at once (different --seed, one per core slice, spread over
 #    the GPUs), DEMOS_EACH successful expert episodes each (DART noise, clean labels);
-# 2. `gsrl sft` on all of them (GPU 0), compiled when the compiled VLA matches eager on this GPU;
+# 2. `gsrl sft` on all of them, data-parallel on every GPU (SFT_GPUS), compiled when the compiled VLA matches eager;
 # 3. `gsrl eval` of the SFT checkpoint, then PPO from it: variant A (RL_A, default: the committed recipe) on GPU 0
 #    and, with 2 GPUs, variant B (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
 # 4. `gsrl eval` of each PPO's last checkpoint (videos), and a learning curve per variant.
@@ -54,11 +54,21 @@ log "collect: $(for i in $(seq 0 $((COLLECTORS - 1))); do tail -1 $R/collect-$i.
 
 for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no dataset $d: stopping"; done
 
-# 2. SFT on every dataset
+# 2. SFT on every dataset: data-parallel over SFT_GPUS GPUs (torchrun), and on GPU 0 alone if that fails
+SFT_GPUS=${SFT_GPUS:-$NGPU}
+sft() {  # sft GPUS: gsrl sft on GPUs 0..GPUS-1
+  local gpus=$1 launch=($GSRL)
+  (( gpus > 1 )) && launch=(python3 -m torch.distributed.run --nproc-per-node=$gpus -m gsrl.cli)
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout -k 10 1200 "${launch[@]}" sft -c $CONFIG $OVERRIDES \
+    --data "${data[@]}" --out $R/sft --steps $SFT_STEPS --batch-size $SFT_BATCH --lr $SFT_LR \
+    --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft-${gpus}gpu.log 2>&1
+}
 start=$SECONDS
-CUDA_VISIBLE_DEVICES=0 timeout -k 10 1200 $GSRL sft -c $CONFIG $OVERRIDES --data "${data[@]}" --out $R/sft --steps $SFT_STEPS \
-  --batch-size $SFT_BATCH --lr $SFT_LR --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft.log 2>&1
-log "sft rc=$? $((SECONDS - start))s $(tail -1 $R/sft.log | cut -c1-200)"
+sft $SFT_GPUS
+log "sft on $SFT_GPUS GPU(s) rc=$? $((SECONDS - start))s $(tail -1 $R/sft-${SFT_GPUS}gpu.log | cut -c1-200)"
+if [ ! -f $R/sft/model.safetensors ] && (( SFT_GPUS > 1 )); then
+  start=$SECONDS; sft 1; log "sft on 1 GPU rc=$? $((SECONDS - start))s $(tail -1 $R/sft-1gpu.log | cut -c1-200)"
+fi
 [ -f $R/sft/model.safetensors ] || finish "no SFT checkpoint: stopping"
 
 evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of 100 episodes

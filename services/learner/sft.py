@@ -13,6 +13,13 @@ checkpoints in the VLA's own layout (``model.safetensors`` + ``vla_config.json``
 ``--data`` takes several datasets (``--data demos-0 demos-1 ...``) and trains on all their frames: ``gsrl collect``
 is one process, so demonstrations are recorded fastest by several collectors with different ``--seed`` at once.
 
+Several GPUs (or CPU processes) train data-parallel under torchrun, one rank each:
+
+    torchrun --nproc-per-node 2 -m gsrl.cli sft -c gs_vla_ppo --data demos-0 demos-1 --out runs/sft --batch-size 64
+
+``--batch-size`` stays the samples per optimizer step: each rank takes an equal share of it from its own part of
+every epoch's shuffle, DeepSpeed averages the gradients, and rank 0 alone logs and writes checkpoints.
+
 ``--augment-shift P`` translates every camera image of each training batch by a random (dy, dx) in [-P, P]
 (DrQ random shift, ``gsrl.data.augment``): the vision encoder is trained from scratch on a few thousand frames
 and overfits without it. 8 px (about 4 %) suits 224 px images; the default 0 keeps training unaugmented.
@@ -147,17 +154,45 @@ def augment_images(
     return {k: random_shift(v, shift, generator) if k in keys else v for k, v in observations.items()}
 
 
-def _batches(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> Iterator[Any]:
-    """Shuffled batches forever (a new permutation each epoch), so the step count, not epochs, ends training."""
+def _batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> Iterator[Any]:
+    """Shuffled batches forever (a new permutation each epoch), so the step count, not epochs, ends training.
+
+    Every rank draws the same permutation (same seed) and takes every ``world_size``-th sample of it from position
+    ``rank``: the ranks' batches are disjoint within an epoch and together cover it, with no index exchange.
+    ``batch_size`` is this rank's share.
+    """
     generator = torch.Generator().manual_seed(seed)
     while True:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-        yield from loader
+        order = torch.randperm(len(dataset), generator=generator)[rank::world_size].tolist()
+        yield from torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    """The ranks' mean of a scalar (each rank's loss is over its own share of the batch)."""
+    if world_size == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return float(total) / world_size
 
 
 def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Path:
     """The VLA's own checkpoint layout; weights gathered under ZeRO-3 and stored as float32 whatever the training
-    precision, so every loader (eval, learner, policy server) reads the same thing."""
+    precision, so every loader (eval, learner, policy server) reads the same thing. Every rank calls it (ZeRO-3's
+    gather needs them all); rank 0 writes."""
     import contextlib
 
     from safetensors.torch import load_file, save_file
@@ -167,8 +202,12 @@ def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Pat
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
+    rank, world_size = _distributed()
     with gather:
-        policy.save_checkpoint(directory)
+        if rank == 0:
+            policy.save_checkpoint(directory)
+    if rank != 0:
+        return directory
     weights = directory / "model.safetensors"
     tensors = load_file(str(weights))
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors.values()):
@@ -187,64 +226,76 @@ def train(
     checkpoint_every: int = 0,
     seed: int = 0,
 ) -> list[float]:
-    """Run ``settings.steps`` flow-matching steps; log, checkpoint, and return the per-step losses."""
+    """Run ``settings.steps`` flow-matching steps; log, checkpoint, and return the per-step losses.
+
+    ``batch_size`` samples per step in all: with several ranks each takes ``batch_size / world size`` of them and
+    the logged loss is the ranks' mean; rank 0 alone writes logs and checkpoints.
+    """
     from gsrl.loggers import TensorBoardLogger
 
     try:
         from tqdm import tqdm
     except ImportError:  # log lines with rate and ETA instead
         tqdm = None
-    out.mkdir(parents=True, exist_ok=True)
-    tensorboard = TensorBoardLogger(out / "tensorboard")
-    batches = _batches(dataset, batch_size, seed)
+    rank, world_size = _distributed()
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} ranks")
+    lead = rank == 0
+    batches = _batches(dataset, batch_size // world_size, seed, rank, world_size)
     # Its own stream (not the shuffling generator's), so turning augmentation on does not change the batches.
-    augment_generator = torch.Generator().manual_seed(seed + 1_000_003)
+    augment_generator = torch.Generator().manual_seed(seed + 1_000_003 + rank)
     image_keys = getattr(policy, "image_keys", None)
-    (out / "sft_settings.json").write_text(
-        json.dumps({**asdict(settings), "batch_size": batch_size, "seed": seed}, indent=2) + "\n"
-    )
+    tensorboard = step_log = bar = None
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {**asdict(settings), "batch_size": batch_size, "world_size": world_size, "seed": seed}
+        (out / "sft_settings.json").write_text(json.dumps(record, indent=2) + "\n")
+        tensorboard = TensorBoardLogger(out / "tensorboard")
+        step_log = open(out / "sft_log.jsonl", "a")  # noqa: SIM115  (closed in the finally below)
+        if tqdm is not None:
+            bar = tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True)
     losses: list[float] = []
-    bar = tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) if tqdm is not None else None
     started = last_log = time.perf_counter()
     try:
-        with open(out / "sft_log.jsonl", "a") as step_log:
-            for step in range(settings.steps):
-                lr = learning_rate(step, settings)
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
-                observations, action_chunks, instructions = next(batches)
-                observations = augment_images(observations, image_keys, settings.augment_shift, augment_generator)
-                loss = policy.flow_matching_loss(observations, action_chunks, list(instructions))
-                engine.backward(loss)
-                grad_norm = engine.step()
-                value = float(loss.detach())
-                losses.append(value)
-                scalars = {"sft/loss": value, "sft/lr": lr, "sft/grad_norm": grad_norm}
-                tensorboard.log(step + 1, scalars)
-                step_log.write(json.dumps({"step": step + 1, **scalars}) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-                now = time.perf_counter()
-                if bar is None and (now - last_log > 10.0 or step + 1 == settings.steps):
-                    last_log = now
-                    rate = (step + 1) / (now - started)
-                    log.info(
-                        "step %d/%d loss %.4f lr %.2e grad_norm %.3f, %.2f steps/s, ETA %.0f s",
-                        step + 1,
-                        settings.steps,
-                        value,
-                        lr,
-                        grad_norm,
-                        rate,
-                        (settings.steps - step - 1) / rate,
-                    )
-                if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
-                    save_policy_checkpoint(policy, out / "checkpoints" / f"step_{step + 1:06d}", zero_stage)
+        for step in range(settings.steps):
+            lr = learning_rate(step, settings)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            observations, action_chunks, instructions = next(batches)
+            observations = augment_images(observations, image_keys, settings.augment_shift, augment_generator)
+            loss = policy.flow_matching_loss(observations, action_chunks, list(instructions))
+            engine.backward(loss)
+            grad_norm = engine.step()
+            value = _mean_over_ranks(loss.detach(), world_size)
+            losses.append(value)
+            if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
+                save_policy_checkpoint(policy, out / "checkpoints" / f"step_{step + 1:06d}", zero_stage)
+            if not lead:
+                continue
+            scalars = {"sft/loss": value, "sft/lr": lr, "sft/grad_norm": grad_norm}
+            tensorboard.log(step + 1, scalars)
+            step_log.write(json.dumps({"step": step + 1, **scalars}) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            now = time.perf_counter()
+            if bar is None and (now - last_log > 10.0 or step + 1 == settings.steps):
+                last_log = now
+                rate = (step + 1) / (now - started)
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f, %.2f steps/s, ETA %.0f s",
+                    step + 1,
+                    settings.steps,
+                    value,
+                    lr,
+                    grad_norm,
+                    rate,
+                    (settings.steps - step - 1) / rate,
+                )
     finally:
-        if bar is not None:
-            bar.close()
-        tensorboard.close()
+        for closable in (bar, tensorboard, step_log):
+            if closable is not None:
+                closable.close()
     save_policy_checkpoint(policy, out, zero_stage)
     return losses
 
@@ -285,6 +336,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         parser.error("--steps and --batch-size must be >= 1")
     if args.augment_shift < 0:
         parser.error(f"--augment-shift must be >= 0, got {args.augment_shift}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({world_size})")
     seed = config.run.seed if args.seed is None else args.seed
 
     # One rank unless launched under torchrun/deepspeed (which set these); the entry point owns the environment.
@@ -340,13 +394,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         policy = engine.module
         policy.train()
         log.info(
-            "SFT on %d episodes / %d frames (%d dataset(s)), horizon %d, %d steps of %d, augment shift %d px",
+            "SFT on %d episodes / %d frames (%d dataset(s)), horizon %d, %d steps of %d (%d rank(s)), augment "
+            "shift %d px",
             sum(data.num_episodes for data in datasets),
             sum(data.num_frames for data in datasets),
             len(datasets),
             horizon,
             args.steps,
             args.batch_size,
+            world_size,
             args.augment_shift,
         )
         out = Path(args.out)
@@ -361,8 +417,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
             checkpoint_every=args.checkpoint_every,
             seed=seed,
         )
+        rank = dist.get_rank()
     finally:
         dist.destroy_process_group()
+    if rank != 0:
+        return 0
     tail = losses[-min(len(losses), 20) :]
     print(f"sft: {len(losses)} steps, final loss {sum(tail) / len(tail):.4f} (mean of last {len(tail)}); wrote {out}")
     return 0
