@@ -370,6 +370,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     shift_error = augment_shift_error(args.augment_shift, spec.observation_spec)
     if shift_error is not None:
         parser.error(shift_error)
+    # Decode every video before training, in parallel: on demand, the first epoch waits on one ffmpeg at a time.
+    decode_started = time.perf_counter()
+    workers = min(16, os.cpu_count() or 1)
+    decoded = sum(data.preload(workers) for data in datasets)
+    log.info("decoded %d episodes in %.1f s (%d threads)", decoded, time.perf_counter() - decode_started, workers)
 
     torch.manual_seed(seed)
     deepspeed.init_distributed(dist_backend=backend)

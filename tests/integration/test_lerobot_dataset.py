@@ -107,6 +107,32 @@ def test_reader_round_trip(written: tuple[Path, list[Episode]]) -> None:
     np.testing.assert_allclose(stats["min"], everything.min(0), atol=1e-6)
 
 
+def test_preload_decodes_every_episode_once(
+    written: tuple[Path, list[Episode]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = written
+    on_demand = LeRobotDataset(root)
+    preloaded = LeRobotDataset(root)
+    assert preloaded.preload(workers=2) == 2
+    assert preloaded.preload(workers=2) == 0  # all cached already
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded again after preload")
+
+    monkeypatch.setattr("gsrl.data.lerobot.decode_video", no_decoding)
+    cached = [preloaded.episode(index) for index in range(2)]  # served from the cache: no decode
+    monkeypatch.undo()
+    for index, episode in enumerate(cached):
+        np.testing.assert_array_equal(episode.images[KEY], on_demand.episode(index).images[KEY])
+        np.testing.assert_array_equal(episode.actions, on_demand.episode(index).actions)
+
+
+def test_preload_refuses_a_cache_too_small(written: tuple[Path, list[Episode]]) -> None:
+    root, _ = written
+    with pytest.raises(ValueError, match="room for all 2 episodes; max_cached_episodes is 1"):
+        LeRobotDataset(root, max_cached_episodes=1).preload()
+
+
 def test_action_chunk_dataset(written: tuple[Path, list[Episode]]) -> None:
     root, originals = written
     chunks = ActionChunkDataset(LeRobotDataset(root), horizon=4)
