@@ -398,6 +398,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         engine = DeepSpeedEngine(policy, settings, zero_stage=config.learner.zero_stage, bf16=use_cuda)
         policy = engine.module
         policy.train()
+        if world_size > 1:
+            # Same initial weights on every rank (seeded alike above); from here each rank draws its own flow-matching
+            # noise and times, or the ranks' halves of a batch would share them.
+            torch.manual_seed(seed + 7919 * dist.get_rank())
         log.info(
             "SFT on %d episodes / %d frames (%d dataset(s)), horizon %d, %d steps of %d (%d rank(s)), augment "
             "shift %d px",
