@@ -46,6 +46,9 @@ class ChunkResult:
     """[B] bool, whether the ended episode was a success at any of its steps; False where none ended."""
     steps_executed: int
     """Env steps actually run in this call, summed over envs (< B*C when episodes ended inside the chunk)."""
+    film_frames: dict[str, np.ndarray] | None = None
+    """With ``EnvBatch.film_env`` set: that env's camera images [k, H, W, 3] after each of its executed steps but the
+    last (whose image is in ``observations``, or ``final_observations`` if its episode ended); else None."""
 
     @property
     def ended(self) -> np.ndarray:
@@ -186,6 +189,9 @@ class EnvBatch:
         self._episode_return = np.zeros(num_envs, dtype=np.float64)
         self._episode_length = np.zeros(num_envs, dtype=np.int32)
         self._episode_success_once = np.zeros(num_envs, dtype=bool)
+        self.film_env: int | None = None
+        """Env whose every step ``step_chunk`` also renders (``ChunkResult.film_frames``), for videos at the control
+        rate; None (the default) renders only what the policy reads, once per chunk."""
 
     # ------------------------------------------------------------------ public API
 
@@ -210,6 +216,9 @@ class EnvBatch:
             raise RuntimeError("call reset() before step_chunk()")
         actions = self._validate_and_map(action_chunk)
         num_envs, chunk_len = actions.shape[:2]
+        if self.film_env is not None and not 0 <= self.film_env < num_envs:
+            raise ValueError(f"film_env={self.film_env} is not an env of this batch (0..{num_envs - 1})")
+        film: list[Any] = []  # film_env after each executed step: render snapshots (splat) or observations
 
         step_rewards = np.zeros((num_envs, chunk_len), dtype=np.float32)
         terminated = np.zeros(num_envs, dtype=bool)
@@ -230,6 +239,8 @@ class EnvBatch:
                 self._episode_length[i] += 1
                 self._episode_success_once[i] |= bool(_scalar(info.get("success", False)))
                 self._last_obs[i] = self._to_numpy_obs(obs)
+                if i == self.film_env:
+                    film.append(self._last_obs[i] if self._observer is None else self._snapshot(i))
                 terminated[i] = bool(_scalar(term))
                 truncated[i] = bool(_scalar(trunc)) and not terminated[i]
                 if terminated[i] or truncated[i]:
@@ -265,6 +276,7 @@ class EnvBatch:
             episode_length=episode_length,
             episode_success_once=episode_success_once,
             steps_executed=steps_executed,
+            film_frames=None if self.film_env is None else self._film_frames(film[:-1]),
         )
 
     @classmethod
@@ -321,6 +333,16 @@ class EnvBatch:
     def _snapshot(self, i: int) -> Any:
         """What the renderer needs of env ``i`` now (body and camera poses, its randomization); None for state."""
         return None if self._observer is None else self._observer.snapshot(i)
+
+    def _film_frames(self, film: list[Any]) -> dict[str, np.ndarray]:
+        """Camera images [k, H, W, 3] per key of the filmed steps: rendered in one call (splat tasks), or taken from
+        the observations (ManiSkill-rendered tasks)."""
+        keys = [key for key in self.observation_spec if key.startswith("rgb/")]
+        if not film:
+            return {key: np.zeros((0, *self.observation_spec[key][0]), dtype=np.uint8) for key in keys}
+        if self._observer is not None:
+            return self._observer.render(film)
+        return {key: np.stack([obs[key] for obs in film]) for key in keys}
 
     def _attach_images(self, observations: list[dict[str, np.ndarray]], snapshots: list[Any]) -> None:
         """Render the camera images of ``snapshots`` in one batched call and add them to ``observations``."""

@@ -90,6 +90,7 @@ def evaluate_policy(
         return _run_episodes(policy, batch, num_episodes, deterministic, log_every_s, recorder)
     finally:
         policy.train(was_training)
+        batch.film_env = None
         if recorder is not None:
             recorder.close()
 
@@ -117,6 +118,8 @@ def _run_episodes(
     while len(returns) < num_episodes:
         obs = {key: torch.as_tensor(value, device=device) for key, value in observations.items()}
         chunk = policy.act(obs, instructions=batch.instructions, deterministic=deterministic).action_chunk
+        # Every step of a filmed episode is rendered for its video; the others render only what the policy reads.
+        batch.film_env = 0 if recorder is not None and recorder.filming else None
         result = batch.step_chunk(chunk.float().cpu().numpy())
         if recorder is not None:
             recorder.record(result)
@@ -226,7 +229,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
         type=int,
         default=0,
         metavar="N",
-        help="image tasks: film env 0's first N episodes to <run>/videos/eval/<checkpoint>/ (info drawn on)",
+        help="image tasks: film env 0's first N episodes, every control step, to <run>/videos/eval/<checkpoint>/ "
+        "(info drawn on)",
     )
     args, config = parse_role_arguments(parser, argv, "eval")
     if args.episodes < 1:
@@ -275,7 +279,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
                 image_keys[0],
                 instruction=batch.instructions[0],
                 info_on_video=config.env_server.info_on_video,
-                fps=config.task.control_freq / config.policy.action_chunk,
+                fps=config.task.control_freq,  # a frame per control step (the batch films env 0)
                 max_videos=args.videos,
             )
         elif args.videos:

@@ -4,7 +4,9 @@ The env server already renders every observation the policy reads, so a training
 rendering: this module writes env 0's frames of every N-th episode to ``<video_dir>/episode_<k>.mp4``, with the
 step, the chunk's reward, success and the instruction drawn on when ``info_on_video`` is set (RLinf's
 ``video_cfg.info_on_video``). A frame is written per policy decision (after each action chunk), so with chunks of
-C actions the video runs at the control rate / C.
+C actions the video runs at the control rate / C; when the batch films env 0 at every step (``EnvBatch.film_env``,
+as ``gsrl eval --videos`` does while it records) the result carries those frames too and the video gets one per
+step, each with that step's reward.
 """
 
 from __future__ import annotations
@@ -52,17 +54,29 @@ class EpisodeRecorder:
         """Begin with the batch's first observations (after ``EnvBatch.reset``)."""
         self._begin_episode(observations)
 
+    @property
+    def filming(self) -> bool:
+        """Whether an episode of env 0 is being recorded now (so its per-step frames would be used)."""
+        return self._writer is not None
+
     def record(self, result: ChunkResult) -> None:
-        """Add env 0's frame(s) of one ``EnvBatch.step_chunk`` result."""
+        """Add env 0's frame(s) of one ``EnvBatch.step_chunk`` result: its per-step frames when the batch filmed
+        them, then the frame the chunk ended on."""
         if self._writer is not None:
             ended = bool(result.ended[0])
+            between = [] if result.film_frames is None else list(result.film_frames.get(self.image_key, []))
+            for k, frame in enumerate(between):
+                self._step += 1
+                self._append(frame, float(result.step_rewards[0, k]))
             if ended:
                 self._step = int(result.episode_length[0])
             else:
-                self._step += result.step_rewards.shape[1]
+                self._step += result.step_rewards.shape[1] - len(between)
             self._success = self._success or (ended and bool(result.episode_success_once[0]))
             frames = result.final_observations if ended else result.observations
-            self._append(frames[self.image_key][0], float(result.rewards[0]))
+            # one frame per chunk: the chunk's reward; per step: the last step's
+            reward = float(result.step_rewards[0, len(between)]) if between else float(result.rewards[0])
+            self._append(frames[self.image_key][0], reward)
             if ended:
                 self._finish()
         if bool(result.ended[0]):

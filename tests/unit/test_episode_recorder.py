@@ -76,3 +76,21 @@ def test_max_videos_stops_recording(tmp_path: Path) -> None:
         recorder.record(result)
     recorder.close()
     assert [p.name for p in recorder.videos] == ["episode_00000.mp4"]
+
+
+def test_filmed_chunks_give_one_frame_per_step(tmp_path: Path) -> None:
+    recorder = EpisodeRecorder(tmp_path, every_episodes=1, image_key=KEY, max_videos=1)
+    recorder.start(frames(10))
+    assert recorder.filming
+
+    def filmed(value: int, ended: bool, length: int = 0, executed: int = 4) -> ChunkResult:
+        result = chunk(value, ended, length)
+        result.step_rewards = np.zeros((2, 4), dtype=np.float32)
+        result.film_frames = {KEY: np.full((executed - 1, 128, 128, 3), value - 5, dtype=np.uint8)}
+        return result
+
+    # a chunk of 4 steps, then one whose episode ends after 2 of its 4 steps
+    recorder.record(filmed(20, False))
+    recorder.record(filmed(30, True, length=6, executed=2))
+    assert not recorder.filming  # max_videos reached: the batch need not film any more
+    assert count_frames(recorder.videos[0]) == 1 + 4 + 2  # the first observation, then one per step
