@@ -6,10 +6,13 @@
 # 2. `gsrl sft` on all of them, data-parallel on every GPU (SFT_GPUS), compiled when the compiled VLA matches eager;
 # 3. `gsrl eval` of the SFT checkpoint, then PPO from it: variant A (RL_A, default: the committed recipe) on GPU 0
 #    and, with 2 GPUs, variant B (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
-# 4. `gsrl eval` of each PPO's last checkpoint (videos), and a learning curve per variant.
+# 4. `gsrl eval` of each PPO's last checkpoint (videos), then a learning curve per variant.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
 set -u
-rm -rf /tmp/repo && mkdir -p /tmp/repo && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . | tar xf - -C /tmp/repo && cd /tmp/repo
+# Run from a private copy (REPO_COPY): later device calls re-sync the working tree under the repo root.
+REPO_COPY=${REPO_COPY:-/tmp/repo}
+rm -rf "$REPO_COPY" && mkdir -p "$REPO_COPY" && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . \
+  | tar xf - -C "$REPO_COPY" && cd "$REPO_COPY" || exit 1
 R=${RESULTS:-/tmp/results}; mkdir -p $R
 [ -f /tmp/gsrl-device.env ] && source /tmp/gsrl-device.env  # the device tool's setup (../shared/device)
 export PYTHONUNBUFFERED=1
@@ -29,27 +32,31 @@ RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the 
 RL_B=${RL_B:-policy.train_expert_only=false}  # variant B (GPU 1); $R/rl_b_overrides, if written by then, wins
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
-NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}; NCPU=$(nproc); HALF=$((NCPU / 2))
-CPUS=(0-$((HALF - 1)) $HALF-$((NCPU - 1)))
-GSRL="python3 -m gsrl.cli"
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
+NCPU=$(OMP_NUM_THREADS= nproc)  # nproc reports OMP_NUM_THREADS when set, not the cores
+HALF=$((NCPU > 1 ? NCPU / 2 : 1))
+CPUS=(0-$((HALF - 1)) $((HALF % NCPU))-$((NCPU - 1)))  # PPO A's cores, B's cores
+PYTHON=${PYTHON:-python3}
+GSRL="$PYTHON -m gsrl.cli"
 log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
 nvidia-smi > $R/nvidia-smi.txt 2>&1
 for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
 
 # 1. demonstrations, and meanwhile the compile probe on GPU 0
-( [ "$COMPILE_PROBE" = 1 ] && CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 python3 -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
+( [ "$COMPILE_PROBE" = 1 ] && CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 $PYTHON -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
     -k default > $R/compile-test.log 2>&1 && echo "policy.compile_mode=default" > $R/sft_overrides || : > $R/sft_overrides
   log "compile probe -> SFT overrides '$(cat $R/sft_overrides)' $(tail -1 $R/compile-test.log)" ) &
-slice=$((NCPU / COLLECTORS)); data=()
+slice=$((NCPU >= COLLECTORS ? NCPU / COLLECTORS : 1)); data=()
 for i in $(seq 0 $((COLLECTORS - 1))); do
   data+=($R/demos-$i)
-  CUDA_VISIBLE_DEVICES=$((i % NGPU)) taskset -c $((i * slice))-$(((i + 1) * slice - 1)) timeout -k 10 600 \
+  first=$((i * slice % NCPU))
+  CUDA_VISIBLE_DEVICES=$((i % NGPU)) taskset -c $first-$((first + slice - 1)) timeout -k 10 600 \
     $GSRL collect -c $CONFIG $OVERRIDES --episodes $DEMOS_EACH --num-envs 8 --noise $COLLECT_NOISE --seed $((1000 * i)) \
     --out $R/demos-$i > $R/collect-$i.log 2>&1 &
 done
 wait
-finish() { log "$*"; log "DONE"; touch $R/DONE; exit 0; }
+finish() { log "$*"; log "DONE"; touch $R/DONE; exit 1; }  # a stage left nothing to go on with
 log "collect: $(for i in $(seq 0 $((COLLECTORS - 1))); do tail -1 $R/collect-$i.log | cut -c1-160; done | tr '\n' '|')"
 
 for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no dataset $d: stopping"; done
@@ -58,7 +65,7 @@ for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no d
 SFT_GPUS=${SFT_GPUS:-$NGPU}
 sft() {  # sft GPUS: gsrl sft on GPUs 0..GPUS-1
   local gpus=$1 launch=($GSRL)
-  (( gpus > 1 )) && launch=(python3 -m torch.distributed.run --nproc-per-node=$gpus -m gsrl.cli)
+  (( gpus > 1 )) && launch=($PYTHON -m torch.distributed.run --nproc-per-node=$gpus -m gsrl.cli)
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout -k 10 1200 "${launch[@]}" sft -c $CONFIG $OVERRIDES \
     --data "${data[@]}" --out $R/sft --steps $SFT_STEPS --batch-size $SFT_BATCH --lr $SFT_LR \
     --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft-${gpus}gpu.log 2>&1
@@ -78,7 +85,7 @@ evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of 1
   log "eval $name rc=$? $((SECONDS - start))s $(grep -E 'success_once' $R/eval-$name.log | tail -1 | cut -c1-200)"
 }
 
-ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, its evaluation and curve
+ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, then its evaluation
   # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i)
   local name=$1 gpu=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
   CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
@@ -89,8 +96,6 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   local last; last=$(ls -d $R/rl-$name/checkpoints/update_* 2>/dev/null | sort | tail -1)
   [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
   evaluate rl-$name $last $gpu $cpus --videos 2
-  $GSRL curve $R/rl-$name --out $R/curve-$name.png --eval "SFT=$R/eval-sft.json" --eval "RL=$R/eval-rl-$name.json" \
-    --title "$CONFIG: SFT, then PPO ($name)" > $R/curve-$name.log 2>&1
 }
 
 monitor() {  # a progress line per PPO run every 60 s, for the poll calls
@@ -109,4 +114,11 @@ log "PPO A overrides '$RL_A', B overrides '$RL_B'"
 (( NGPU > 1 )) && ppo B 1 ${CPUS[1]} 50 $RL_B &
 wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
+for name in A B; do  # a learning curve per variant, with the evaluations it has (after all of them have ended)
+  [ -d $R/rl-$name ] || continue
+  evals=(); for e in "SFT=$R/eval-sft.json" "RL=$R/eval-rl-$name.json"; do [ -f ${e#*=} ] && evals+=(--eval "$e"); done
+  $GSRL curve $R/rl-$name --out $R/curve-$name.png "${evals[@]}" --title "$CONFIG: SFT, then PPO ($name)" \
+    > $R/curve-$name.log 2>&1
+  log "curve $name rc=$? $(tail -1 $R/curve-$name.log | cut -c1-160)"
+done
 log "DONE"; touch $R/DONE

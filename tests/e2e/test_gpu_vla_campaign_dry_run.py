@@ -1,0 +1,65 @@
+"""``scripts/gpu_vla_campaign.sh`` (issue 5's GPU measurement) as a CPU dry run, so it cannot rot between device
+sessions: parallel collectors -> data-parallel SFT under torchrun (2 gloo ranks) -> eval beside two PPO variants
+-> their evals and curves, with the tiny VLA at 32x32. ``NGPU=2`` stands in for the GPU count (no GPU here: every
+step runs on the CPU); sizes are tiny, so success rates mean nothing and only the chain and its outputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = (
+    "policy.vla_preset=tiny task.render.width=32 task.render.height=32 task.render.device=cpu "
+    "policy_server.device=cpu learner.device=cpu learner.bf16=false policy.bf16_autocast=false "
+    "env_server.num_servers=1 env_server.num_envs=2 env_server.pipeline_stages=1 learner.segments_per_update=2 "
+    "policy_server.max_batch_size=4 algo.update_epochs=1 learner.checkpoint_every=2 task.max_episode_steps=30 "
+    "policy_server.metrics_port=0 env_server.metrics_port=0 learner.metrics_port=0"
+)
+
+
+def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "RESULTS": str(results),
+        "REPO_COPY": str(tmp_path / "repo"),
+        "NO_DEVICE_ENV": "1",
+        "NGPU": "2",
+        "GSPLAT_WAIT": "0",
+        "COMPILE_PROBE": "0",
+        "COLLECTORS": "2",
+        "DEMOS_EACH": "2",
+        "SFT_STEPS": "2",
+        "SFT_BATCH": "4",
+        "SFT_SHIFT": "2",
+        "EVAL_EPISODES": "2",
+        "RL_SECONDS": "25",
+        "RL_A": "algo.gamma=0.97",
+        "OVERRIDES": f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'}",
+        "DS_ACCELERATOR": "cpu",
+    }
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_vla_campaign.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    log = (results / "campaign.log").read_text()
+    assert proc.returncode == 0 and (results / "DONE").exists(), log + proc.stderr[-3000:]
+
+    for i in range(2):  # one dataset per collector, each from its own seed
+        info = json.loads((results / f"demos-{i}" / "meta" / "info.json").read_text())
+        assert info["total_episodes"] == 2
+    assert "sft on 2 GPU(s) rc=0" in log  # the data-parallel path, not the one-GPU fallback
+    assert "(2 rank(s))" in (results / "sft-2gpu.log").read_text()
+    assert json.loads((results / "sft" / "sft_settings.json").read_text())["world_size"] == 2
+    assert "PPO A overrides 'algo.gamma=0.97', B overrides 'policy.train_expert_only=false'" in log
+    for name in ("sft", "rl-A", "rl-B"):
+        report = json.loads((results / f"eval-{name}.json").read_text())
+        assert report["result"]["episodes"] == 2
+    assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
+    assert "train_expert_only: false" in (results / "rl-B" / "config.yaml").read_text()
+    assert "gamma: 0.97" in (results / "rl-A" / "config.yaml").read_text()
