@@ -97,7 +97,7 @@ def state_bounds(datasets: Sequence[LeRobotDataset]) -> tuple[torch.Tensor, torc
     return torch.stack(lows).amin(0), torch.stack(highs).amax(0)
 
 
-def set_state_bounds_from_stats(policy: Any, datasets: LeRobotDataset | Sequence[LeRobotDataset]) -> bool:
+def set_state_bounds_from_stats(policy: Any, datasets: Sequence[LeRobotDataset]) -> bool:
     """Give the VLA's state normalizer the demonstrations' q01/q99 (min/max if absent), as pi0.5 normalizes.
 
     Only when the policy reads exactly the dataset's ``state`` (so the dimensions line up); returns whether it did.
@@ -105,7 +105,7 @@ def set_state_bounds_from_stats(policy: Any, datasets: LeRobotDataset | Sequence
     norm = getattr(policy, "state_norm", None)
     if norm is None or list(getattr(policy, "state_keys", [])) != ["state"]:
         return False
-    low, high = state_bounds([datasets] if isinstance(datasets, LeRobotDataset) else datasets)
+    low, high = state_bounds(datasets)
     if low.shape != norm.low.shape:
         return False
     # A dimension that never moved in the demos (q01 == q99) would map to +-1 at the slightest change: widen it.
@@ -202,7 +202,7 @@ def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Pat
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
-    rank, world_size = _distributed()
+    rank, _ = _distributed()
     with gather:
         if rank == 0:
             policy.save_checkpoint(directory)
