@@ -26,6 +26,7 @@ SFT_STEPS=${SFT_STEPS:-3000}
 SFT_BATCH=${SFT_BATCH:-64}
 SFT_LR=${SFT_LR:-1e-4}
 SFT_SHIFT=${SFT_SHIFT:-8}
+SFT_SECONDS=${SFT_SECONDS:-0}  # wall-clock budget of SFT's training loop (gsrl sft --max-seconds); 0 = SFT_STEPS decide
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
@@ -38,7 +39,7 @@ HALF=$((NCPU > 1 ? NCPU / 2 : 1))
 CPUS=(0-$((HALF - 1)) $((HALF % NCPU))-$((NCPU - 1)))  # PPO A's cores, B's cores
 PYTHON=${PYTHON:-python3}
 GSRL="$PYTHON -m gsrl.cli"
-log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
+log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH (${SFT_SECONDS}s) rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
 nvidia-smi > $R/nvidia-smi.txt 2>&1
 for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
@@ -63,18 +64,20 @@ for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no d
 
 # 2. SFT on every dataset: data-parallel over SFT_GPUS GPUs (torchrun), and on GPU 0 alone if that fails
 SFT_GPUS=${SFT_GPUS:-$NGPU}
-sft() {  # sft GPUS: gsrl sft on GPUs 0..GPUS-1
-  local gpus=$1 launch=($GSRL)
+sft() {  # sft GPUS SECONDS: gsrl sft on GPUs 0..GPUS-1, SECONDS its training loop's budget (0 = none)
+  local gpus=$1 budget=$2 launch=($GSRL)
   (( gpus > 1 )) && launch=($PYTHON -m torch.distributed.run --nproc-per-node=$gpus -m gsrl.cli)
-  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout -k 10 1200 "${launch[@]}" sft -c $CONFIG $OVERRIDES \
-    --data "${data[@]}" --out $R/sft --steps $SFT_STEPS --batch-size $SFT_BATCH --lr $SFT_LR \
-    --augment-shift $SFT_SHIFT $(cat $R/sft_overrides) > $R/sft-${gpus}gpu.log 2>&1
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout -k 10 $((budget > 0 ? budget + 600 : 1200)) "${launch[@]}" \
+    sft -c $CONFIG $OVERRIDES --data "${data[@]}" --out $R/sft --steps $SFT_STEPS --batch-size $SFT_BATCH \
+    --lr $SFT_LR --augment-shift $SFT_SHIFT --max-seconds $budget $(cat $R/sft_overrides) > $R/sft-${gpus}gpu.log 2>&1
 }
 start=$SECONDS
-sft $SFT_GPUS
+sft $SFT_GPUS $SFT_SECONDS
 log "sft on $SFT_GPUS GPU(s) rc=$? $((SECONDS - start))s $(tail -1 $R/sft-${SFT_GPUS}gpu.log | cut -c1-200)"
 if [ ! -f $R/sft/model.safetensors ] && (( SFT_GPUS > 1 )); then
-  start=$SECONDS; sft 1; log "sft on 1 GPU rc=$? $((SECONDS - start))s $(tail -1 $R/sft-1gpu.log | cut -c1-200)"
+  # One GPU with what is left of the budget (at least 2 minutes), so a late failure does not double SFT's time.
+  left=$((SFT_SECONDS > 0 ? SFT_SECONDS - (SECONDS - start) : 0)); (( SFT_SECONDS > 0 && left < 120 )) && left=120
+  start=$SECONDS; sft 1 $left; log "sft on 1 GPU rc=$? $((SECONDS - start))s $(tail -1 $R/sft-1gpu.log | cut -c1-200)"
 fi
 [ -f $R/sft/model.safetensors ] || finish "no SFT checkpoint: stopping"
 

@@ -8,7 +8,7 @@ checkpoints in the VLA's own layout (``model.safetensors`` + ``vla_config.json``
 ``gsrl eval --checkpoint`` and the learner (``policy.checkpoint``) load.
 
     gsrl sft -c gs_ppo policy.kind=vla --data data/put-cube-demos --out runs/sft [--steps 2000] [--batch-size 32]
-        [--augment-shift 8]
+        [--augment-shift 8] [--max-seconds 600]
 
 ``--data`` takes several datasets (``--data demos-0 demos-1 ...``) and trains on all their frames: ``gsrl collect``
 is one process, so demonstrations are recorded fastest by several collectors with different ``--seed`` at once.
@@ -63,14 +63,25 @@ class SFTSettings:
     steps: int = 1000
     # Random-shift augmentation of every camera image, in pixels (``gsrl.data.augment.random_shift``); 0 = off.
     augment_shift: int = 0
+    # Wall-clock budget of the training loop in seconds (0 = none): training ends at ``steps`` or at this many
+    # seconds, whichever comes first, and the cosine decay follows whichever is further along, so a run cut short by
+    # the clock still ends at the schedule's low learning rate.
+    max_seconds: float = 0.0
 
 
-def learning_rate(step: int, settings: SFTSettings) -> float:
-    """Linear warm-up, then cosine decay to 10 % of ``lr`` at the last step (openpi's SFT schedule shape)."""
+def learning_rate(step: int, settings: SFTSettings, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``lr`` at the last step (openpi's SFT schedule shape).
+
+    With a time budget (``settings.max_seconds``) the decay's progress is the larger of the steps' and the clock's
+    (``elapsed_s`` of the budget), so the rate reaches its floor when either runs out.
+    """
     if step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
     span = max(settings.steps - settings.warmup_steps, 1)
-    progress = min((step - settings.warmup_steps) / span, 1.0)
+    progress = (step - settings.warmup_steps) / span
+    if settings.max_seconds > 0:
+        progress = max(progress, elapsed_s / settings.max_seconds)
+    progress = min(progress, 1.0)
     return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -189,6 +200,20 @@ def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     return float(total) / world_size
 
 
+def _max_over_ranks(value: float, world_size: int) -> float:
+    """The ranks' largest value of a scalar: every rank then takes the same clock-driven decisions (learning rate,
+    when to stop); ranks that stopped at different steps would hang each other's next all-reduce."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    # NCCL reduces only device tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    largest = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest)
+
+
 def save_policy_checkpoint(policy: Any, directory: Path, zero_stage: int) -> Path:
     """The VLA's own checkpoint layout; weights gathered under ZeRO-3 and stored as float32 whatever the training
     precision, so every loader (eval, learner, policy server) reads the same thing. Every rank calls it (ZeRO-3's
@@ -226,7 +251,8 @@ def train(
     checkpoint_every: int = 0,
     seed: int = 0,
 ) -> list[float]:
-    """Run ``settings.steps`` flow-matching steps; log, checkpoint, and return the per-step losses.
+    """Run ``settings.steps`` flow-matching steps (fewer when ``settings.max_seconds`` runs out first); log,
+    checkpoint, and return the per-step losses.
 
     ``batch_size`` samples per step in all: with several ranks each takes ``batch_size / world size`` of them and
     the logged loss is the ranks' mean; rank 0 alone writes logs and checkpoints.
@@ -258,7 +284,14 @@ def train(
     started = last_log = time.perf_counter()
     try:
         for step in range(settings.steps):
-            lr = learning_rate(step, settings)
+            elapsed = _max_over_ranks(time.perf_counter() - started, world_size) if settings.max_seconds else 0.0
+            if settings.max_seconds and elapsed >= settings.max_seconds:
+                if lead:
+                    log.info(
+                        "time budget of %.0f s reached after %d of %d steps", settings.max_seconds, step, settings.steps
+                    )
+                break
+            lr = learning_rate(step, settings, elapsed)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             observations, action_chunks, instructions = next(batches)
@@ -282,6 +315,9 @@ def train(
             if bar is None and (now - last_log > 10.0 or step + 1 == settings.steps):
                 last_log = now
                 rate = (step + 1) / (now - started)
+                eta = (settings.steps - step - 1) / rate
+                if settings.max_seconds:
+                    eta = min(eta, settings.max_seconds - (now - started))
                 log.info(
                     "step %d/%d loss %.4f lr %.2e grad_norm %.3f, %.2f steps/s, ETA %.0f s",
                     step + 1,
@@ -290,7 +326,7 @@ def train(
                     lr,
                     grad_norm,
                     rate,
-                    (settings.steps - step - 1) / rate,
+                    eta,
                 )
     finally:
         for closable in (bar, tensorboard, step_log):
@@ -318,6 +354,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wall-clock budget of the training loop (compilation included): stop at --steps or after S seconds, "
+        "whichever comes first, the cosine decay following whichever is further along (default 0 = no budget)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 5%% of --steps)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="periodic checkpoints (0 = final only)")
     parser.add_argument("--seed", type=int, default=None, help="shuffling and init seed (default run.seed)")
@@ -334,6 +378,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         parser.error(f"gsrl sft trains the VLA: set policy.kind=vla (config has {config.policy.kind!r})")
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
+    if args.max_seconds < 0:
+        parser.error(f"--max-seconds must be >= 0, got {args.max_seconds}")
     if args.augment_shift < 0:
         parser.error(f"--augment-shift must be >= 0, got {args.augment_shift}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -394,6 +440,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
             warmup_steps=warmup,
             steps=args.steps,
             augment_shift=args.augment_shift,
+            max_seconds=args.max_seconds,
         )
         engine = DeepSpeedEngine(policy, settings, zero_stage=config.learner.zero_stage, bf16=use_cuda)
         policy = engine.module
@@ -404,7 +451,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
             torch.manual_seed(seed + 7919 * dist.get_rank())
         log.info(
             "SFT on %d episodes / %d frames (%d dataset(s)), horizon %d, %d steps of %d (%d rank(s)), augment "
-            "shift %d px",
+            "shift %d px, time budget %s",
             sum(data.num_episodes for data in datasets),
             sum(data.num_frames for data in datasets),
             len(datasets),
@@ -413,6 +460,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
             args.batch_size,
             world_size,
             args.augment_shift,
+            f"{args.max_seconds:.0f} s" if args.max_seconds else "none",
         )
         out = Path(args.out)
         losses = train(

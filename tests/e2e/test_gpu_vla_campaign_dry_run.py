@@ -36,6 +36,7 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
         "COLLECTORS": "2",
         "DEMOS_EACH": "2",
         "SFT_STEPS": "2",
+        "SFT_SECONDS": "300",  # a budget the 2 steps never reach: the flag's path, not its cut
         "SFT_BATCH": "4",
         "SFT_SHIFT": "2",
         "EVAL_EPISODES": "2",

@@ -69,3 +69,22 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "--batch-size 5 must be divisible by the number of ranks (2)" in proc.stderr
     assert not (tmp_path / "sft" / "model.safetensors").exists()
+
+
+def test_a_time_budget_stops_both_ranks_at_the_same_step(tmp_path: Path) -> None:
+    """Ranks whose clocks disagree by a step would hang in the next all-reduce; the budget is read as the ranks'
+    largest elapsed time, so both stop together, and rank 0 still writes the final checkpoint."""
+    data = synthetic_dataset(tmp_path / "demos")
+    out = tmp_path / "sft"
+    options = ["--steps", "100000", "--batch-size", "4", "--max-seconds", "8", "--warmup-steps", "0", "--seed", "0"]
+    proc = _torchrun_sft(data, out, 2, options)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "time budget of 8 s reached after" in output
+    steps = [json.loads(line)["step"] for line in (out / "sft_log.jsonl").read_text().splitlines()]
+    assert 0 < len(steps) < 100000 and steps == list(range(1, len(steps) + 1))
+    assert f"sft: {len(steps)} steps, final loss" in output
+    assert (out / "model.safetensors").exists()
+    # The decay followed the clock, not the 100,000 steps: from the peak (1e-4) to near the floor (1e-5).
+    rates = [json.loads(line)["sft/lr"] for line in (out / "sft_log.jsonl").read_text().splitlines()]
+    assert rates[0] == pytest.approx(1e-4, rel=0.05) and rates[-1] < 2e-5
