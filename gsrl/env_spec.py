@@ -22,6 +22,9 @@ class EnvSpec:
     observation_spec: dict[str, tuple[tuple[int, ...], str]]
     action_dim: int
     instruction: str
+    # A non-success step's largest reward as a fraction of the success step's, for tasks that declare it
+    # (``max_shaping_reward`` / ``max_dense_reward``) in a dense reward mode; None otherwise (``gsrl.rl.reward_trap``).
+    shaping_ceiling: float | None = None
 
 
 def flatten_observation(obs: Any, prefix: str = "") -> dict[str, Any]:
@@ -106,6 +109,9 @@ def probe_env_spec(task: TaskConfig) -> EnvSpec:
         instruction = ""
         if hasattr(base, "get_language_instruction"):
             instruction = base.get_language_instruction()[0]
+        shaping_ceiling = None
+        if task.reward_mode in ("dense", "normalized_dense") and hasattr(base, "max_shaping_reward"):
+            shaping_ceiling = float(base.max_shaping_reward) / float(base.max_dense_reward)
     finally:
         env.close()
     if splat:
@@ -115,4 +121,6 @@ def probe_env_spec(task: TaskConfig) -> EnvSpec:
             key: (shape, "uint8" if key.startswith("rgb/") else "float32")
             for key, shape in observation_shapes(task.render).items()
         }
-    return EnvSpec(observation_spec=spec, action_dim=action_dim, instruction=instruction)
+    return EnvSpec(
+        observation_spec=spec, action_dim=action_dim, instruction=instruction, shaping_ceiling=shaping_ceiling
+    )

@@ -28,6 +28,7 @@ from gsrl.loggers import MultiLogger, build_loggers
 from gsrl.metrics import LearnerMetrics, MetricsServer
 from gsrl.policy import build_configured_policy
 from gsrl.redis_conn import connect, is_transient, retry
+from gsrl.rl.reward_trap import reward_trap_warning
 from gsrl.stream import SegmentConsumer, StreamEntry, StreamKeys, read_counter
 from gsrl.weights import WeightPublisher
 from services.learner.checkpoint import resume_latest, save_checkpoint
@@ -60,6 +61,11 @@ class Learner:
 
         torch.manual_seed(config.run.seed)  # same init on every rank and on the policy servers
         spec = probe_env_spec(config.task)
+        trap = reward_trap_warning(
+            spec.shaping_ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode
+        )
+        if trap is not None and rank == 0:
+            log.warning("%s", trap)
         policy = build_configured_policy(config.policy, spec.observation_spec, spec.action_dim)  # a resume still wins
         self.engine = DeepSpeedEngine(policy.to(self.device), config.algo, zero_stage=lc.zero_stage, bf16=lc.bf16)
         generator = torch.Generator().manual_seed(config.run.seed + rank)
