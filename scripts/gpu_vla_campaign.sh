@@ -30,7 +30,9 @@ SFT_SECONDS=${SFT_SECONDS:-0}  # wall-clock budget of SFT's training loop (gsrl 
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
-RL_B=${RL_B:-policy.train_expert_only=false}  # variant B (GPU 1); $R/rl_b_overrides, if written by then, wins
+# variant B (GPU 1): the whole VLA trainable, its 512-sample minibatches in micro-batches of 128 (in one pass they
+# ran out of an H200's memory); $R/rl_b_overrides, if written by then, wins
+RL_B=${RL_B:-policy.train_expert_only=false algo.micro_batch_size=128}
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}

@@ -38,12 +38,16 @@ class AlgoSettings(Protocol):
     entropy_coef: float
     update_epochs: int
     num_minibatches: int
+    micro_batch_size: int
     normalize_advantages: bool
     target_kl: float
 
 
 class OptimizerEngine(Protocol):
-    def backward(self, loss: Tensor) -> None: ...
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        """Accumulate ``loss``'s gradient. ``last=False`` marks a micro-batch with more of its minibatch to come:
+        a data-parallel engine then defers the gradient reduction to the minibatch's last backward."""
+        ...
 
     def step(self) -> float:
         """Clip gradients, step the optimizer, zero gradients; return the global grad norm before clipping."""
@@ -66,8 +70,8 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        loss.backward()  # autograd accumulates into .grad; one process has nothing to reduce
 
     def step(self) -> float:
         # max_norm=inf measures without clipping when clipping is off (max_grad_norm <= 0).
@@ -225,6 +229,29 @@ class PPOLearnerCore:
     def _minibatch_step(
         self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device
     ) -> dict[str, float]:
+        """One optimizer step on the samples ``idx``, in micro-batches of ``algo.micro_batch_size`` when set.
+
+        Every loss term is a mean over samples, so weighting each micro-batch's loss by its share of the minibatch
+        makes the accumulated gradient the whole minibatch's; the metrics are weighted the same way.
+        """
+        micro = self.algo.micro_batch_size
+        parts = list(torch.split(idx, micro)) if 0 < micro < len(idx) else [idx]
+        totals: Tensor | None = None
+        for number, part in enumerate(parts):
+            share = len(part) / len(idx)
+            loss, scalars = self._micro_batch_loss(batch, advantages, part, device)
+            self.engine.backward(loss * share, last=number == len(parts) - 1)
+            totals = scalars * share if totals is None else totals + scalars * share
+        grad_norm = self.engine.step()
+        names = ("actor/loss", "actor/policy_loss", "actor/value_loss", "actor/approx_kl")
+        names += ("actor/pg_clipfrac", "actor/value_clip_ratio", "actor/entropy")
+        # One device-to-host copy for all scalars instead of one sync per metric.
+        return {**dict(zip(names, totals.tolist(), strict=True)), "actor/grad_norm": float(grad_norm)}
+
+    def _micro_batch_loss(
+        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """The PPO loss on the samples ``idx`` (means over them), and its seven metrics stacked, detached."""
         algo = self.algo
         observations = {key: value[idx].to(device, non_blocking=True) for key, value in batch.observations.items()}
         instructions = [batch.instructions[i] for i in idx.tolist()] if batch.instructions is not None else None
@@ -241,20 +268,15 @@ class PPOLearnerCore:
         )
         entropy_mean = entropy_bonus(entropy)
         loss = policy_loss + algo.value_coef * value_loss - algo.entropy_coef * entropy_mean
-        self.engine.backward(loss)
-        grad_norm = self.engine.step()
-        names = ("actor/loss", "actor/policy_loss", "actor/value_loss", "actor/approx_kl")
-        names += ("actor/pg_clipfrac", "actor/value_clip_ratio", "actor/entropy")
-        # One device-to-host copy for all scalars instead of one sync per metric.
-        values_list = torch.stack(
+        scalars = torch.stack(
             [
                 loss.detach().float(),
-                policy_loss.detach(),
-                value_loss.detach(),
-                pg_metrics["approx_kl"],
-                pg_metrics["clipfrac"],
-                value_clip_ratio.to(loss.device),
-                entropy_mean.detach(),
+                policy_loss.detach().float(),
+                value_loss.detach().float(),
+                pg_metrics["approx_kl"].float(),
+                pg_metrics["clipfrac"].float(),
+                value_clip_ratio.to(loss.device).float(),
+                entropy_mean.detach().float(),
             ]
-        ).tolist()
-        return {**dict(zip(names, values_list, strict=True)), "actor/grad_norm": float(grad_norm)}
+        )
+        return loss, scalars

@@ -32,10 +32,10 @@ class OptimSettings(Protocol):
 def deepspeed_config(
     algo: OptimSettings, zero_stage: int, bf16: bool, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The ds_config dict. We call ``backward``/``step`` once per PPO minibatch ourselves, so the
-    micro batch is nominally 1 and there is no gradient accumulation; batch sizes in ds_config only
-    drive DeepSpeed's own dataloader and throughput logs, which we do not use (train_batch_size is
-    left for DeepSpeed to derive from the world size)."""
+    """The ds_config dict. We call ``step`` once per PPO minibatch ourselves and mark micro-batches through
+    ``set_gradient_accumulation_boundary`` (``DeepSpeedEngine.backward``), so DeepSpeed's own accumulation count
+    stays 1 (it does not rescale our losses); batch sizes in ds_config only drive DeepSpeed's own dataloader and
+    throughput logs, which we do not use (train_batch_size is left for DeepSpeed to derive from the world size)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -113,7 +113,10 @@ class DeepSpeedEngine:
         """The wrapped model (the same object that was passed in, possibly cast to bf16 and moved)."""
         return self.engine.module
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        """``last=False``: a micro-batch with more to come; DeepSpeed keeps its gradient local (no reduction) until
+        the minibatch's last backward, whose ``step()`` then applies the accumulated sum."""
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
     def step(self) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -167,6 +168,77 @@ def _critic_lr_worker(kind: str, zero_stage: int) -> dict[str, object]:
         dist.destroy_process_group()
 
 
+def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
+    """Runs on each of 2 gloo ranks: the same PPO update twice from the same weights, once in one pass per minibatch
+    and once in micro-batches of 5 (a remainder of 1); returns the largest weight difference between the two and
+    the weights' checksum (the ranks must agree: the deferred reduction still averages them)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from gsrl.config import AlgoConfig
+    from gsrl.policy import build_policy
+    from gsrl.trajectory import Segment
+    from services.learner.core import PPOLearnerCore
+    from services.learner.engine import DeepSpeedEngine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        rank = dist.get_rank()
+        spec = {"state": ((4,), "float32")}
+        generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        obs = {"state": torch.randn(16, 4, generator=generator)}
+        weights = []
+        for micro in (0, 5):
+            torch.manual_seed(0)
+            policy = build_policy("gaussian_mlp", spec, action_dim=2, action_chunk=3, hidden_sizes=(32, 32))
+            algo = AlgoConfig(update_epochs=2, num_minibatches=1, micro_batch_size=micro, lr=1e-2)
+            engine = DeepSpeedEngine(policy, algo, zero_stage=zero_stage)
+            initial = torch.cat([p.detach().float().flatten() for p in policy.parameters()])
+            torch.manual_seed(1 + rank)
+            out = policy.act(obs)
+            segment = Segment(
+                observations=obs,
+                action_chunks=out.action_chunk,
+                logprobs=out.logprobs,
+                values=out.values,
+                rewards=torch.randn(16, generator=torch.Generator().manual_seed(200 + rank)),
+                terminated=torch.ones(16, dtype=torch.bool),
+                truncated=torch.zeros(16, dtype=torch.bool),
+                next_values=torch.zeros(16),
+                policy_versions=torch.zeros(16, dtype=torch.int64),
+            )
+            PPOLearnerCore(policy, engine, algo, generator=torch.Generator().manual_seed(0)).update([segment])
+            weights.append(torch.cat([p.detach().float().flatten() for p in policy.parameters()]))
+        moved = float((weights[0] - initial).abs().max())
+        return {
+            "rank": rank,
+            "max_difference": float((weights[0] - weights[1]).abs().max()),
+            "checksum": float(weights[1].double().sum()),
+            "moved": moved,
+        }
+    finally:
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an intermittent SIGABRT)
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_micro_batches_on_two_ranks_give_the_whole_minibatchs_update(zero_stage: int) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
+    command += [f"--master-port={_free_port()}", __file__, "micro", str(zero_stage)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    # The two ranks print at once, so their lines can run together.
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for result in results:
+        assert result["moved"] > 1e-3  # the update did something
+        assert result["max_difference"] < 1e-5, result
+    assert results[0]["checksum"] == pytest.approx(results[1]["checksum"], rel=1e-9)  # the ranks stayed in step
+
+
 def _run(zero_stage: int, bf16: bool) -> dict[str, object]:
     return _run_worker([str(zero_stage), str(int(bf16))])
 
@@ -238,6 +310,8 @@ def test_critic_lr_gives_the_value_head_its_own_param_group(kind: str, zero_stag
 if __name__ == "__main__":
     if sys.argv[1] == "critic_lr":
         result = _critic_lr_worker(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "micro":
+        result = _micro_batch_worker(int(sys.argv[2]))
     else:
         result = _worker(int(sys.argv[1]), bool(int(sys.argv[2])))
     print("RESULT " + json.dumps(result), flush=True)
