@@ -33,6 +33,7 @@ RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the 
 # variant B (GPU 1): the whole VLA trainable, its 512-sample minibatches in micro-batches of 128 (in one pass they
 # ran out of an H200's memory); $R/rl_b_overrides, if written by then, wins
 RL_B=${RL_B:-policy.train_expert_only=false algo.micro_batch_size=128}
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-50}  # PPO checkpoints kept (every 10 updates), for evaluations after the run
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
@@ -94,7 +95,7 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i)
   local name=$1 gpu=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
   CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
-    --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS \
+    --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
     $OVERRIDES "$@" > $R/rl-$name.log 2>&1
   log "rl $name rc=$? $((SECONDS - start))s $(grep -E '^iter' $R/rl-$name.log | tail -1)"

@@ -336,21 +336,22 @@ class LeRobotDataset:
             return self._cache[index]
         return self._remember(index, self._decode_episode(index))
 
-    def preload(self, workers: int = 8) -> int:
-        """Decode every episode not yet cached, ``workers`` at a time; returns how many were decoded.
+    def preload(self, workers: int = 8, episodes: Sequence[int] | None = None) -> int:
+        """Decode every episode (or those of ``episodes``) not yet cached, ``workers`` at a time; returns how many
+        were decoded.
 
         Each video decode is an ffmpeg subprocess (about 0.1 s for a 50-frame episode), so a first epoch that
         decodes on demand spends minutes of a GPU's time on it for a few hundred episodes; threads overlap the
         subprocesses. Needs a cache that holds them all (``max_cached_episodes`` None or >= the episode count).
         """
-        if self.max_cached_episodes is not None and self.max_cached_episodes < self.num_episodes:
+        wanted = list(range(self.num_episodes)) if episodes is None else list(episodes)
+        if self.max_cached_episodes is not None and self.max_cached_episodes < len(wanted):
             raise ValueError(
-                f"preload needs room for all {self.num_episodes} episodes; max_cached_episodes is "
-                f"{self.max_cached_episodes}"
+                f"preload needs room for {len(wanted)} episodes; max_cached_episodes is {self.max_cached_episodes}"
             )
         from concurrent.futures import ThreadPoolExecutor
 
-        missing = [i for i in range(self.num_episodes) if i not in self._cache]
+        missing = [i for i in wanted if i not in self._cache]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for index, episode in zip(missing, pool.map(self._decode_episode, missing), strict=True):
                 self._remember(index, episode)
@@ -392,12 +393,15 @@ class ActionChunkDataset(torch.utils.data.Dataset):
     should teach), and the episode's instruction. The default collate batches them into the policy's inputs.
     """
 
-    def __init__(self, dataset: LeRobotDataset, horizon: int) -> None:
+    def __init__(self, dataset: LeRobotDataset, horizon: int, episodes: Sequence[int] | None = None) -> None:
+        """``episodes``: the episodes whose frames are the samples (a data-parallel rank's share); None = all."""
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self.dataset = dataset
         self.horizon = horizon
-        self._index = [(e, t) for e, length in enumerate(dataset.episode_lengths()) for t in range(length)]
+        lengths = dataset.episode_lengths()
+        chosen = range(len(lengths)) if episodes is None else episodes
+        self._index = [(e, t) for e in chosen for t in range(lengths[e])]
 
     def __len__(self) -> int:
         return len(self._index)

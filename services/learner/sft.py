@@ -17,8 +17,9 @@ Several GPUs (or CPU processes) train data-parallel under torchrun, one rank eac
 
     torchrun --nproc-per-node 2 -m gsrl.cli sft -c gs_vla_ppo --data demos-0 demos-1 --out runs/sft --batch-size 64
 
-``--batch-size`` stays the samples per optimizer step: each rank takes an equal share of it from its own part of
-every epoch's shuffle, DeepSpeed averages the gradients, and rank 0 alone logs and writes checkpoints.
+``--batch-size`` stays the samples per optimizer step: each rank takes an equal share of it from its own episodes
+(dealt round-robin, ``rank_episodes``; a rank decodes and holds only those), DeepSpeed averages the gradients, and
+rank 0 alone logs and writes checkpoints.
 
 ``--augment-shift P`` translates every camera image of each training batch by a random (dy, dx) in [-P, P]
 (DrQ random shift, ``gsrl.data.augment``): the vision encoder is trained from scratch on a few thousand frames
@@ -165,18 +166,31 @@ def augment_images(
     return {k: random_shift(v, shift, generator) if k in keys else v for k, v in observations.items()}
 
 
-def _batches(
-    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-) -> Iterator[Any]:
-    """Shuffled batches forever (a new permutation each epoch), so the step count, not epochs, ends training.
+def rank_episodes(episode_counts: Sequence[int], rank: int, world_size: int) -> list[list[int]]:
+    """The episodes rank ``rank`` trains on, per dataset: every ``world_size``-th of all datasets' episodes taken in
+    order (dataset 0's, then dataset 1's, ...), from position ``rank``.
 
-    Every rank draws the same permutation (same seed) and takes every ``world_size``-th sample of it from position
-    ``rank``: the ranks' batches are disjoint within an epoch and together cover it, with no index exchange.
-    ``batch_size`` is this rank's share.
+    Episodes rather than frames, so each rank decodes and keeps in memory only its own videos: with every rank
+    holding every episode, two ranks on one host decoded 1,600 episodes twice (128 s before the first step) and
+    held two copies. Every step's gradient is still the mean over all ranks' samples, so the optimizer sees the
+    whole dataset as before; the ranks' shares differ by at most one episode.
     """
+    shares: list[list[int]] = []
+    start = 0
+    for count in episode_counts:
+        first = (rank - start) % world_size
+        shares.append(list(range(first, count, world_size)))
+        start += count
+    return shares
+
+
+def _batches(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> Iterator[Any]:
+    """Shuffled batches of ``dataset`` forever (a new permutation each epoch), so the step count, not epochs, ends
+    training. With several ranks ``dataset`` is this rank's episodes (``rank_episodes``) and ``batch_size`` its
+    share of the step."""
     generator = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(dataset), generator=generator)[rank::world_size].tolist()
+        order = torch.randperm(len(dataset), generator=generator).tolist()
         yield from torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
 
 
@@ -267,7 +281,7 @@ def train(
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} ranks")
     lead = rank == 0
-    batches = _batches(dataset, batch_size // world_size, seed, rank, world_size)
+    batches = _batches(dataset, batch_size // world_size, seed + rank)
     # Its own stream (not the shuffling generator's), so turning augmentation on does not change the batches.
     augment_generator = torch.Generator().manual_seed(seed + 1_000_003 + rank)
     image_keys = getattr(policy, "image_keys", None)
@@ -416,11 +430,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
     shift_error = augment_shift_error(args.augment_shift, spec.observation_spec)
     if shift_error is not None:
         parser.error(shift_error)
-    # Decode every video before training, in parallel: on demand, the first epoch waits on one ffmpeg at a time.
+    # This rank's episodes (all of them with one rank), decoded before training and in parallel: on demand, the
+    # first epoch waits on one ffmpeg at a time.
+    rank = int(os.environ.get("RANK", "0"))
+    total_episodes = sum(data.num_episodes for data in datasets)
+    if total_episodes < world_size:
+        parser.error(f"{total_episodes} episode(s) cannot be shared among {world_size} ranks: record more")
+    shares = rank_episodes([data.num_episodes for data in datasets], rank, world_size)
     decode_started = time.perf_counter()
     workers = min(16, os.cpu_count() or 1)
-    decoded = sum(data.preload(workers) for data in datasets)
-    log.info("decoded %d episodes in %.1f s (%d threads)", decoded, time.perf_counter() - decode_started, workers)
+    decoded = sum(data.preload(workers, episodes) for data, episodes in zip(datasets, shares, strict=True))
+    log.info(
+        "rank %d: decoded %d of %d episodes in %.1f s (%d threads)",
+        rank,
+        decoded,
+        total_episodes,
+        time.perf_counter() - decode_started,
+        workers,
+    )
 
     torch.manual_seed(seed)
     deepspeed.init_distributed(dist_backend=backend)
@@ -432,7 +459,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl sft") -> int:
         if set_state_bounds_from_stats(policy, datasets):
             log.info("state normalizer bounds set from the dataset's q01/q99")
         horizon = int(policy.config.action_horizon)
-        chunks = torch.utils.data.ConcatDataset([ActionChunkDataset(data, horizon) for data in datasets])
+        chunks = torch.utils.data.ConcatDataset(
+            [
+                ActionChunkDataset(data, horizon, episodes)
+                for data, episodes in zip(datasets, shares, strict=True)
+                if episodes  # a small dataset can have none of this rank's
+            ]
+        )
         warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
         settings = SFTSettings(
             lr=args.lr,

@@ -129,7 +129,7 @@ def test_preload_decodes_every_episode_once(
 
 def test_preload_refuses_a_cache_too_small(written: tuple[Path, list[Episode]]) -> None:
     root, _ = written
-    with pytest.raises(ValueError, match="room for all 2 episodes; max_cached_episodes is 1"):
+    with pytest.raises(ValueError, match="room for 2 episodes; max_cached_episodes is 1"):
         LeRobotDataset(root, max_cached_episodes=1).preload()
 
 
@@ -147,3 +147,17 @@ def test_action_chunk_dataset(written: tuple[Path, list[Episode]]) -> None:
     torch.testing.assert_close(tail, torch.from_numpy(expected))
     batch = next(iter(torch.utils.data.DataLoader(chunks, batch_size=3)))
     assert batch[0][KEY].shape == (3, 32, 32, 3) and batch[1].shape == (3, 4, 7) and len(batch[2]) == 3
+
+
+def test_preload_and_chunks_of_a_subset_of_episodes(written: tuple[Path, list[Episode]]) -> None:
+    """A data-parallel rank's view: only its episodes are decoded and only their frames are samples."""
+    root, episodes = written
+    data = LeRobotDataset(root)
+    assert data.preload(workers=2, episodes=[1]) == 1
+    assert data.preload(workers=2, episodes=[1]) == 0  # cached
+    chunks = ActionChunkDataset(data, horizon=4, episodes=[1])
+    assert len(chunks) == len(episodes[1].actions)
+    observations, actions, _ = chunks[0]
+    np.testing.assert_array_equal(observations["state"].numpy(), episodes[1].states[0])
+    # episode 0 was never decoded: the chunks of episode 1 did not touch it
+    assert data.preload(workers=2) == 1

@@ -49,6 +49,8 @@ def test_two_ranks_train_one_model_and_rank_zero_writes_it(tmp_path: Path) -> No
     assert proc.returncode == 0, output[-4000:]
     assert "3 steps of 4 (2 rank(s))" in output
     assert output.count("sft: 3 steps, final loss") == 1  # the summary comes from rank 0 only
+    # Each rank decoded only its own episode of the two (round-robin shares), not the whole dataset.
+    assert "rank 0: decoded 1 of 2 episodes" in output and "rank 1: decoded 1 of 2 episodes" in output
 
     settings = json.loads((out / "sft_settings.json").read_text())
     assert settings["world_size"] == 2 and settings["batch_size"] == 4

@@ -1,36 +1,47 @@
-"""How ``gsrl sft`` splits each epoch between data-parallel ranks (``services.learner.sft._batches``)."""
+"""How ``gsrl sft`` shares demonstrations between data-parallel ranks (``rank_episodes``) and draws batches
+(``_batches``)."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
-from services.learner.sft import _batches
+from services.learner.sft import _batches, rank_episodes
 
 
-def _samples(rank: int, world_size: int, batches: int, per_rank_batch: int) -> list[int]:
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_get_disjoint_episode_shares_that_cover_every_dataset(world_size: int) -> None:
+    counts = [5, 4, 7]
+    shares = [rank_episodes(counts, rank, world_size) for rank in range(world_size)]
+    for dataset, count in enumerate(counts):
+        owned = [episode for share in shares for episode in share[dataset]]
+        assert sorted(owned) == list(range(count))  # every episode once, by exactly one rank
+    # Dealt round-robin over all datasets' episodes: the ranks' totals differ by at most one.
+    totals = [sum(len(episodes) for episodes in share) for share in shares]
+    assert max(totals) - min(totals) <= 1 and sum(totals) == sum(counts)
+
+
+def test_the_deal_continues_across_datasets() -> None:
+    # 3 + 3 episodes, 2 ranks: the global order is d0e0 d0e1 d0e2 d1e0 d1e1 d1e2, dealt 0 1 0 1 0 1
+    assert rank_episodes([3, 3], 0, 2) == [[0, 2], [1]]
+    assert rank_episodes([3, 3], 1, 2) == [[1], [0, 2]]
+
+
+def _samples(batches: int, batch_size: int, seed: int = 3) -> list[int]:
     dataset = torch.utils.data.TensorDataset(torch.arange(12))
-    drawn = itertools.islice(_batches(dataset, per_rank_batch, seed=3, rank=rank, world_size=world_size), batches)
+    drawn = itertools.islice(_batches(dataset, batch_size, seed=seed), batches)
     return [int(i) for (batch,) in drawn for i in batch]
 
 
-def test_ranks_draw_disjoint_shares_that_cover_each_epoch() -> None:
-    # 12 samples, 2 ranks: 6 each per epoch, in 2 batches of 3
-    first, second = _samples(0, 2, 2, 3), _samples(1, 2, 2, 3)
-    assert not set(first) & set(second)
-    assert sorted(first + second) == list(range(12))
-
-
-def test_one_rank_sees_every_sample_once_per_epoch_in_a_new_order_each_epoch() -> None:
-    samples = _samples(0, 1, 8, 3)  # two epochs of 4 batches
+def test_every_sample_once_per_epoch_in_a_new_order_each_epoch() -> None:
+    samples = _samples(8, 3)  # two epochs of 4 batches
     epoch_1, epoch_2 = samples[:12], samples[12:]
     assert sorted(epoch_1) == sorted(epoch_2) == list(range(12))
     assert epoch_1 != epoch_2
 
 
-def test_the_split_is_the_single_rank_shuffle_dealt_out() -> None:
-    # same seed, same permutation: rank r takes every world_size-th sample of it from position r
-    whole = _samples(0, 1, 4, 3)
-    assert _samples(0, 3, 1, 4) == whole[0::3]
-    assert _samples(2, 3, 1, 4) == whole[2::3]
+def test_the_seed_decides_the_order() -> None:
+    assert _samples(4, 3, seed=3) == _samples(4, 3, seed=3)
+    assert _samples(4, 3, seed=3) != _samples(4, 3, seed=4)
