@@ -200,7 +200,11 @@ def _build_policy(
         return None, [CheckResult("spec", False, detail)]
     results.append(CheckResult("spec", True, "env servers send what policy servers and learners build for"))
     trap = reward_trap_warning(
-        served.shaping_ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode
+        served.shaping_ceiling,
+        config.algo.gamma,
+        config.policy.action_chunk,
+        config.task.reward_mode,
+        config.task.relative_reward,
     )
     if trap is not None:
         results.append(CheckResult("reward", False, trap, WARNING))

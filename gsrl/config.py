@@ -179,6 +179,11 @@ class TaskConfig:
     control_freq: int = 20
     # strict (cube resting on the plate, released) | rlinf (RLinf's test, for comparable curves)
     success_mode: str = "strict"
+    # RLinf's use_rel_reward: each step pays the change of the task's reward since the previous step (0 before an
+    # episode's first), so a state's reward is paid once, on reaching it, not on every step spent in it. An episode's
+    # return telescopes to its last step's reward, and a shaped reward can no longer pay for hovering short of success
+    # (gsrl.rl.reward_trap). With the sparse reward it changes nothing: success ends the episode.
+    relative_reward: bool = False
     # Used by GSEnv-* tasks only (obs_mode rgb).
     render: RenderConfig = field(default_factory=RenderConfig)
 

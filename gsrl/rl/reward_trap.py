@@ -21,10 +21,13 @@ def hover_to_success_ratio(shaping_ceiling: float, gamma: float, action_chunk: i
     return float("inf") if gamma >= 1 else per_decision / (1.0 - gamma)
 
 
-def reward_trap_warning(shaping_ceiling: float | None, gamma: float, action_chunk: int, reward_mode: str) -> str | None:
+def reward_trap_warning(
+    shaping_ceiling: float | None, gamma: float, action_chunk: int, reward_mode: str, relative: bool = False
+) -> str | None:
     """A warning naming the settings when hovering is worth at least one success (None when it is not, or when the
-    task has no shaping ceiling to check: sparse rewards, or a task that does not declare one)."""
-    if shaping_ceiling is None or shaping_ceiling <= 0:
+    task has no shaping ceiling to check: sparse rewards, or a task that does not declare one). A relative reward
+    (``task.relative_reward``) pays a state's shaping once, on reaching it, so hovering earns nothing: no trap."""
+    if relative or shaping_ceiling is None or shaping_ceiling <= 0:
         return None
     ratio = hover_to_success_ratio(shaping_ceiling, gamma, action_chunk)
     if ratio < 1.0:
@@ -33,5 +36,6 @@ def reward_trap_warning(shaping_ceiling: float | None, gamma: float, action_chun
         f"task.reward_mode={reward_mode} with algo.gamma={gamma} and policy.action_chunk={action_chunk}: never "
         f"succeeding is worth up to {ratio:.3g}x a success (shaping up to {shaping_ceiling:g} of the success reward "
         "per step, success ends the episode), so PPO can learn to stop short of success. Use task.reward_mode=sparse "
-        "(the pi_RL recipe's success-only reward), or a gamma with (1 - gamma) > shaping x action_chunk."
+        "(the pi_RL recipe's success-only reward), task.relative_reward=true (the shaping paid once, as a change), "
+        "or a gamma with (1 - gamma) > shaping x action_chunk."
     )

@@ -90,6 +90,7 @@ class EnvBatch:
         sim_freq: int = 100,
         control_freq: int = 20,
         success_mode: str = "strict",
+        relative_reward: bool = False,
         seed: int = 0,
         first_env: int = 0,
         sim_backend: str = "physx_cpu",
@@ -189,6 +190,9 @@ class EnvBatch:
         self._episode_return = np.zeros(num_envs, dtype=np.float64)
         self._episode_length = np.zeros(num_envs, dtype=np.int32)
         self._episode_success_once = np.zeros(num_envs, dtype=bool)
+        # RLinf's use_rel_reward (TaskConfig.relative_reward): each step pays the change of the task's reward.
+        self.relative_reward = relative_reward
+        self._previous_reward = np.zeros(num_envs, dtype=np.float64)
         self.film_env: int | None = None
         """Env whose every step ``step_chunk`` also renders (``ChunkResult.film_frames``), for videos at the control
         rate; None (the default) renders only what the policy reads, once per chunk."""
@@ -203,6 +207,7 @@ class EnvBatch:
         self._episode_return[:] = 0.0
         self._episode_length[:] = 0
         self._episode_success_once[:] = False
+        self._previous_reward[:] = 0.0
         return self._stack(self._last_obs)
 
     def step_chunk(self, action_chunk: np.ndarray) -> ChunkResult:
@@ -234,7 +239,9 @@ class EnvBatch:
             for k in range(chunk_len):
                 obs, reward, term, trunc, info = env.step(actions[i, k])
                 steps_executed += 1
-                step_rewards[i, k] = float(_scalar(reward))
+                reward = float(_scalar(reward))
+                step_rewards[i, k] = reward - self._previous_reward[i] if self.relative_reward else reward
+                self._previous_reward[i] = reward
                 self._episode_return[i] += step_rewards[i, k]
                 self._episode_length[i] += 1
                 self._episode_success_once[i] |= bool(_scalar(info.get("success", False)))
@@ -253,6 +260,7 @@ class EnvBatch:
                     self._episode_return[i] = 0.0
                     self._episode_length[i] = 0
                     self._episode_success_once[i] = False
+                    self._previous_reward[i] = 0.0
                     self._last_obs[i] = self._reset_env(i)
                     break
             if not (terminated[i] or truncated[i]):
@@ -292,6 +300,7 @@ class EnvBatch:
             sim_freq=task.sim_freq,
             control_freq=task.control_freq,
             success_mode=task.success_mode,
+            relative_reward=task.relative_reward,
             seed=seed,
             first_env=first_env,
             render=task.render,

@@ -62,7 +62,11 @@ class Learner:
         torch.manual_seed(config.run.seed)  # same init on every rank and on the policy servers
         spec = probe_env_spec(config.task)
         trap = reward_trap_warning(
-            spec.shaping_ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode
+            spec.shaping_ceiling,
+            config.algo.gamma,
+            config.policy.action_chunk,
+            config.task.reward_mode,
+            config.task.relative_reward,
         )
         if trap is not None and rank == 0:
             log.warning("%s", trap)

@@ -183,3 +183,27 @@ def test_state_tasks_build_no_sapien_renderer(batch: EnvBatch) -> None:
     for env in batch._envs:
         assert env.unwrapped.backend.render_backend == "none"
         assert env.unwrapped.backend.render_device is None
+
+
+def test_relative_reward_pays_each_change_once_and_restarts_with_each_episode() -> None:
+    """Same seed, same actions: each relative reward is the change of the plain one (an episode's first step pays
+    its whole reward), so an episode's relative rewards sum to its last plain reward. A truncation restarts it."""
+    rng = np.random.default_rng(5)
+    chunks = [rng.uniform(-1, 1, (2, 4, 7)).astype(np.float32) for _ in range(3)]
+    with (
+        EnvBatch(TASK, 2, max_episode_steps=6, seed=11) as plain,
+        EnvBatch(TASK, 2, max_episode_steps=6, seed=11, relative_reward=True) as relative,
+    ):
+        plain.reset(), relative.reset()
+        results = [(plain.step_chunk(chunk), relative.step_chunk(chunk)) for chunk in chunks]
+    # 6-step episodes, chunks of 4: steps 1-4, then 5-6 (the truncation skips the chunk's last 2), then 1-4 again.
+    assert [bool(a.truncated.all()) for a, _ in results] == [False, True, False]
+    raw = np.concatenate([results[0][0].step_rewards, results[1][0].step_rewards[:, :2]], axis=1)  # episode 1
+    rel = np.concatenate([results[0][1].step_rewards, results[1][1].step_rewards[:, :2]], axis=1)
+    assert np.any(raw != 0)
+    np.testing.assert_allclose(rel, np.diff(raw, axis=1, prepend=0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rel.sum(axis=1), raw[:, -1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[1][1].episode_return, raw[:, -1], rtol=1e-5, atol=1e-6)
+    # Episode 2 starts from 0 again, not from episode 1's last reward.
+    raw2, rel2 = results[2][0].step_rewards, results[2][1].step_rewards
+    np.testing.assert_allclose(rel2, np.diff(raw2, axis=1, prepend=0.0), rtol=1e-5, atol=1e-6)

@@ -38,4 +38,12 @@ def test_no_preset_pays_more_for_hovering_than_for_success(preset: Path) -> None
     config = load_config(preset)
     dense = config.task.reward_mode in ("dense", "normalized_dense")
     ceiling = PUT_CUBE_SHAPING_CEILING if dense and "PutCubeOnPlate" in config.task.id else None
-    assert reward_trap_warning(ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode) is None
+    relative = config.task.relative_reward
+    assert (
+        reward_trap_warning(ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode, relative)
+        is None
+    )
+
+
+def test_a_relative_reward_cannot_pay_for_hovering() -> None:
+    assert reward_trap_warning(0.1, 0.99, 5, "normalized_dense", relative=True) is None
