@@ -30,11 +30,10 @@ SFT_SECONDS=${SFT_SECONDS:-0}  # wall-clock budget of SFT's training loop (gsrl 
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
-# variant B (GPU 1): the staged dense reward paid as changes (task.relative_reward, RLinf's use_rel_reward) against
-# A's success-only reward; $R/rl_b_overrides, if written by then, wins. The whole VLA trainable instead:
-#   RL_B="policy.train_expert_only=false algo.micro_batch_size=128" (512-sample minibatches in one pass ran out of an
-#   H200's memory)
-RL_B=${RL_B:-task.reward_mode=normalized_dense task.relative_reward=true}
+# variant B (GPU 1): the whole VLA trainable, its 512-sample minibatches in micro-batches of 128 (in one pass they
+# ran out of an H200's memory); $R/rl_b_overrides, if written by then, wins. The dense reward paid as changes instead:
+#   RL_B="task.reward_mode=normalized_dense task.relative_reward=true"
+RL_B=${RL_B:-policy.train_expert_only=false algo.micro_batch_size=128}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-50}  # PPO checkpoints kept (every 10 updates), for evaluations after the run
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe

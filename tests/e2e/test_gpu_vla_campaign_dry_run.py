@@ -57,12 +57,12 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert "sft on 2 GPU(s) rc=0" in log  # the data-parallel path, not the one-GPU fallback
     assert "(2 rank(s))" in (results / "sft-2gpu.log").read_text()
     assert json.loads((results / "sft" / "sft_settings.json").read_text())["world_size"] == 2
-    overrides_b = "task.reward_mode=normalized_dense task.relative_reward=true"
+    overrides_b = "policy.train_expert_only=false algo.micro_batch_size=128"
     assert f"PPO A overrides 'algo.gamma=0.97', B overrides '{overrides_b}'" in log
     for name in ("sft", "rl-A", "rl-B"):
         report = json.loads((results / f"eval-{name}.json").read_text())
         assert report["result"]["episodes"] == 2
     assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
     config_b = (results / "rl-B" / "config.yaml").read_text()
-    assert "reward_mode: normalized_dense" in config_b and "relative_reward: true" in config_b
+    assert "train_expert_only: false" in config_b and "micro_batch_size: 128" in config_b
     assert "gamma: 0.97" in (results / "rl-A" / "config.yaml").read_text()
