@@ -25,6 +25,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _one_step_segment(policy: object, observations: dict, rewards: object) -> object:
+    """A segment of 1-step episodes that ``policy`` acted in (sampled now), paid ``rewards``: runs in the workers."""
+    import torch
+
+    from gsrl.trajectory import Segment
+
+    out = policy.act(observations)
+    size = len(rewards)
+    return Segment(
+        observations=observations,
+        action_chunks=out.action_chunk,
+        logprobs=out.logprobs,
+        values=out.values,
+        rewards=rewards,
+        terminated=torch.ones(size, dtype=torch.bool),
+        truncated=torch.zeros(size, dtype=torch.bool),
+        next_values=torch.zeros(size),
+        policy_versions=torch.zeros(size, dtype=torch.int64),
+    )
+
+
 def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
     """Runs inside the subprocess: one PPO update on synthetic segments through DeepSpeed."""
     import math
@@ -35,7 +56,6 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
 
     from gsrl.config import AlgoConfig
     from gsrl.policy import build_policy
-    from gsrl.trajectory import Segment
     from services.learner.core import PPOLearnerCore
     from services.learner.engine import DeepSpeedEngine
 
@@ -53,19 +73,8 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
             dist.all_reduce(tensor)
             return tensor
 
-        obs = {"state": torch.randn(16, 4)}
-        out = policy.act(obs)
-        segment = Segment(
-            observations=obs,
-            action_chunks=out.action_chunk,
-            logprobs=out.logprobs,
-            values=out.values,
-            rewards=(out.action_chunk[:, 0, 0] > 0).float(),
-            terminated=torch.ones(16, dtype=torch.bool),
-            truncated=torch.zeros(16, dtype=torch.bool),
-            next_values=torch.zeros(16),
-            policy_versions=torch.zeros(16, dtype=torch.int64),
-        )
+        segment = _one_step_segment(policy, {"state": torch.randn(16, 4)}, torch.zeros(16))
+        segment.rewards = (segment.action_chunks[:, 0, 0] > 0).float()  # paid for the sampled actions
         core = PPOLearnerCore(policy, engine, algo, all_reduce_sum=all_reduce_sum)
         metrics = core.update([segment])
         changed = [name for name, p in policy.named_parameters() if not torch.equal(p.detach().float(), before[name])]
@@ -178,7 +187,6 @@ def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
 
     from gsrl.config import AlgoConfig
     from gsrl.policy import build_policy
-    from gsrl.trajectory import Segment
     from services.learner.core import PPOLearnerCore
     from services.learner.engine import DeepSpeedEngine
 
@@ -196,18 +204,8 @@ def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
             engine = DeepSpeedEngine(policy, algo, zero_stage=zero_stage)
             initial = torch.cat([p.detach().float().flatten() for p in policy.parameters()])
             torch.manual_seed(1 + rank)
-            out = policy.act(obs)
-            segment = Segment(
-                observations=obs,
-                action_chunks=out.action_chunk,
-                logprobs=out.logprobs,
-                values=out.values,
-                rewards=torch.randn(16, generator=torch.Generator().manual_seed(200 + rank)),
-                terminated=torch.ones(16, dtype=torch.bool),
-                truncated=torch.zeros(16, dtype=torch.bool),
-                next_values=torch.zeros(16),
-                policy_versions=torch.zeros(16, dtype=torch.int64),
-            )
+            rewards = torch.randn(16, generator=torch.Generator().manual_seed(200 + rank))
+            segment = _one_step_segment(policy, obs, rewards)
             PPOLearnerCore(policy, engine, algo, generator=torch.Generator().manual_seed(0)).update([segment])
             weights.append(torch.cat([p.detach().float().flatten() for p in policy.parameters()]))
         moved = float((weights[0] - initial).abs().max())
