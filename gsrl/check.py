@@ -36,7 +36,7 @@ from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
 from gsrl.loggers import OPTIONAL_PACKAGES
 from gsrl.policy import ObservationSpec, Policy, PolicyOutput, load_model_weights
-from gsrl.rl.reward_trap import reward_trap_warning
+from gsrl.rl.reward_trap import config_reward_trap_warning
 from gsrl.tls import open_channel
 from gsrl.v1 import rollout_pb2
 from services.env_server.core import EnvBatch
@@ -199,13 +199,7 @@ def _build_policy(
         )
         return None, [CheckResult("spec", False, detail)]
     results.append(CheckResult("spec", True, "env servers send what policy servers and learners build for"))
-    trap = reward_trap_warning(
-        served.shaping_ceiling,
-        config.algo.gamma,
-        config.policy.action_chunk,
-        config.task.reward_mode,
-        config.task.relative_reward,
-    )
+    trap = config_reward_trap_warning(config, served.shaping_ceiling)
     if trap is not None:
         results.append(CheckResult("reward", False, trap, WARNING))
 

@@ -10,6 +10,8 @@ and the recipe's gamma is 0.99 per decision. The seventh session's GPU run hit e
 
 from __future__ import annotations
 
+from gsrl.config import Config
+
 
 def hover_to_success_ratio(shaping_ceiling: float, gamma: float, action_chunk: int) -> float:
     """Value of collecting the shaping ceiling on every decision forever, in units of the success reward.
@@ -38,4 +40,15 @@ def reward_trap_warning(
         "per step, success ends the episode), so PPO can learn to stop short of success. Use task.reward_mode=sparse "
         "(the pi_RL recipe's success-only reward), task.relative_reward=true (the shaping paid once, as a change), "
         "or a gamma with (1 - gamma) > shaping x action_chunk."
+    )
+
+
+def config_reward_trap_warning(config: Config, shaping_ceiling: float | None) -> str | None:
+    """``reward_trap_warning`` for a run's config and its task's shaping ceiling (``EnvSpec.shaping_ceiling``)."""
+    return reward_trap_warning(
+        shaping_ceiling,
+        config.algo.gamma,
+        config.policy.action_chunk,
+        config.task.reward_mode,
+        config.task.relative_reward,
     )

@@ -28,7 +28,7 @@ from gsrl.loggers import MultiLogger, build_loggers
 from gsrl.metrics import LearnerMetrics, MetricsServer
 from gsrl.policy import build_configured_policy
 from gsrl.redis_conn import connect, is_transient, retry
-from gsrl.rl.reward_trap import reward_trap_warning
+from gsrl.rl.reward_trap import config_reward_trap_warning
 from gsrl.stream import SegmentConsumer, StreamEntry, StreamKeys, read_counter
 from gsrl.weights import WeightPublisher
 from services.learner.checkpoint import resume_latest, save_checkpoint
@@ -61,13 +61,7 @@ class Learner:
 
         torch.manual_seed(config.run.seed)  # same init on every rank and on the policy servers
         spec = probe_env_spec(config.task)
-        trap = reward_trap_warning(
-            spec.shaping_ceiling,
-            config.algo.gamma,
-            config.policy.action_chunk,
-            config.task.reward_mode,
-            config.task.relative_reward,
-        )
+        trap = config_reward_trap_warning(config, spec.shaping_ceiling)
         if trap is not None and rank == 0:
             log.warning("%s", trap)
         policy = build_configured_policy(config.policy, spec.observation_spec, spec.action_dim)  # a resume still wins

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gsrl.config import load_config
-from gsrl.rl.reward_trap import hover_to_success_ratio, reward_trap_warning
+from gsrl.rl.reward_trap import config_reward_trap_warning, hover_to_success_ratio, reward_trap_warning
 
 PRESETS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 # PutCubeOnPlate's max_shaping_reward / max_dense_reward (1 / 10); the integration test reads it off the real task.
@@ -38,12 +38,19 @@ def test_no_preset_pays_more_for_hovering_than_for_success(preset: Path) -> None
     config = load_config(preset)
     dense = config.task.reward_mode in ("dense", "normalized_dense")
     ceiling = PUT_CUBE_SHAPING_CEILING if dense and "PutCubeOnPlate" in config.task.id else None
-    relative = config.task.relative_reward
-    assert (
-        reward_trap_warning(ceiling, config.algo.gamma, config.policy.action_chunk, config.task.reward_mode, relative)
-        is None
-    )
+    assert config_reward_trap_warning(config, ceiling) is None
 
 
 def test_a_relative_reward_cannot_pay_for_hovering() -> None:
     assert reward_trap_warning(0.1, 0.99, 5, "normalized_dense", relative=True) is None
+
+
+def test_the_config_form_reads_the_runs_settings() -> None:
+    """What the learner and ``gsrl check`` call: the old preset's settings (dense, chunk 5, gamma 0.99) are flagged,
+    the same with the relative reward are not."""
+    trapped = load_config(None, ["task.reward_mode=normalized_dense", "policy.action_chunk=5", "algo.gamma=0.99"])
+    assert config_reward_trap_warning(trapped, PUT_CUBE_SHAPING_CEILING) == reward_trap_warning(
+        PUT_CUBE_SHAPING_CEILING, 0.99, 5, "normalized_dense"
+    )
+    relative = trapped.with_overrides(["task.relative_reward=true"])
+    assert config_reward_trap_warning(relative, PUT_CUBE_SHAPING_CEILING) is None
