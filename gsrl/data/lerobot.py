@@ -342,7 +342,7 @@ class LeRobotDataset:
 
         Each video decode is an ffmpeg subprocess (about 0.1 s for a 50-frame episode), so a first epoch that
         decodes on demand spends minutes of a GPU's time on it for a few hundred episodes; threads overlap the
-        subprocesses. Needs a cache that holds them all (``max_cached_episodes`` None or >= the episode count).
+        subprocesses. Needs a cache that holds them all (``max_cached_episodes`` None or >= the number asked for).
         """
         wanted = list(range(self.num_episodes)) if episodes is None else list(episodes)
         if self.max_cached_episodes is not None and self.max_cached_episodes < len(wanted):
