@@ -77,7 +77,9 @@ def parse_role_arguments(
 
     A config error ends the process with exit code 2 and a message naming the key, before anything starts.
     """
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come in more than one run between options (`-c x a.b=1 --episodes 3 c.d=2`), as
+    # scripts that prepend common overrides and append per-call ones write them.
+    args = parser.parse_intermixed_args(argv)
     setup_logging(args.log_level, role.format(**vars(args)))
     try:
         return args, config_from_args(args)

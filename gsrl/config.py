@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import random
 import re
 import types
 import typing
@@ -163,6 +164,8 @@ RENDER_BACKENDS = ("auto", "gsplat", "torch")
 RENDER_CAMERAS = ("3rd_view_camera", "wrist_camera")
 GS_TASK_PREFIX = "GSEnv-"
 """Task ids with this prefix are observed through the splat renderer (``gsrl.tasks.gs_env``)."""
+LAYOUT_POOL_STREAM = 0x1A9_0001
+"""Added to ``task.layout_pool_seed``: the pool's generator shares no seed with small seeds used elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -184,12 +187,26 @@ class TaskConfig:
     # return telescopes to its last step's reward, and a shaped reward can no longer pay for hovering short of success
     # (gsrl.rl.reward_trap). With the sparse reward it changes nothing: success ends the episode.
     relative_reward: bool = False
+    # RLinf's fixed reset states (use_fixed_reset_state_ids): 0 = every episode a new cube/plate layout; N = every
+    # episode starts from one of N fixed layouts (drawn at random in training; image randomization stays fresh), as
+    # the recipe trains and evaluates. `gsrl eval --layouts pool` then scores exactly those N layouts, each once; its
+    # default stays held-out layouts, so a pool run's generalization is measured as well.
+    layout_pool: int = 0
+    # Which N layouts: the pool is a function of (layout_pool, layout_pool_seed) only, so training and eval agree.
+    layout_pool_seed: int = 0
     # Used by GSEnv-* tasks only (obs_mode rgb).
     render: RenderConfig = field(default_factory=RenderConfig)
 
     @property
     def is_splat_rendered(self) -> bool:
         return self.id.startswith(GS_TASK_PREFIX)
+
+    def layout_seeds(self) -> tuple[int, ...] | None:
+        """The reset seeds of the ``layout_pool`` fixed layouts; None without a pool (a new layout per episode)."""
+        if self.layout_pool == 0:
+            return None
+        draw = random.Random(LAYOUT_POOL_STREAM + self.layout_pool_seed)  # Mersenne Twister: stable across versions
+        return tuple(draw.getrandbits(31) for _ in range(self.layout_pool))  # int31, like the fresh reset seeds
 
     def validate(self, key: str) -> None:
         _require(
@@ -204,6 +221,8 @@ class TaskConfig:
         _require(self.reward_mode in REWARD_MODES, f"{key}.reward_mode", f"must be one of {REWARD_MODES}")
         _require(self.success_mode in SUCCESS_MODES, f"{key}.success_mode", f"must be one of {SUCCESS_MODES}")
         _require(self.max_episode_steps >= 1, f"{key}.max_episode_steps", "must be >= 1")
+        _require(self.layout_pool >= 0, f"{key}.layout_pool", "must be >= 0 (0: a new layout every episode)")
+        _require(self.layout_pool_seed >= 0, f"{key}.layout_pool_seed", "must be >= 0")
         _require(self.control_freq >= 1, f"{key}.control_freq", "must be >= 1")
         _require(
             self.sim_freq >= self.control_freq and self.sim_freq % self.control_freq == 0,

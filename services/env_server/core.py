@@ -7,6 +7,7 @@ scaling across cores is done by running more env server processes, not threads i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,12 @@ class EnvBatch:
     ``first_env .. first_env + num_envs - 1`` of a larger one with the same ``seed``: an env server split into
     pipelined stages (one batch per stage) seeds each env exactly as the unsplit batch would.
 
+    ``layout_seeds`` (``TaskConfig.layout_seeds``, RLinf's fixed reset states) restricts the cube/plate layouts to
+    that pool: each reset takes one at random from the env's RNG, and the image randomization a fresh seed of its
+    own. ``cycle_layouts`` instead walks the pool so that the first N episodes, taken as ``gsrl eval`` takes them
+    (env i's j-th episode for j < its quota), are the N pool layouts, each once: env i's j-th episode gets layout
+    ``(i + j * num_envs) mod N``. Only an unsplit batch (``first_env`` 0) can cycle.
+
     ``task_id`` must be a gsrl task (it receives ``success_mode``); frequencies go through ManiSkill's generic
     ``sim_config`` so they override the task's defaults without touching its solver settings.
 
@@ -93,6 +100,8 @@ class EnvBatch:
         relative_reward: bool = False,
         seed: int = 0,
         first_env: int = 0,
+        layout_seeds: Sequence[int] | None = None,
+        cycle_layouts: bool = False,
         sim_backend: str = "physx_cpu",
         render: RenderConfig | None = None,
     ) -> None:
@@ -100,6 +109,10 @@ class EnvBatch:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if first_env < 0:
             raise ValueError(f"first_env must be >= 0, got {first_env}")
+        if layout_seeds is not None and len(layout_seeds) == 0:
+            raise ValueError("layout_seeds is empty: pass None for a new layout every episode")
+        if cycle_layouts and (layout_seeds is None or first_env != 0):
+            raise ValueError("cycle_layouts needs layout_seeds and an unsplit batch (first_env 0)")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         splat_rendered = task_id.startswith(GS_TASK_PREFIX)
@@ -186,6 +199,9 @@ class EnvBatch:
         # of the seed's SeedSequence is env i's, whichever batch (stage) holds it.
         children = np.random.SeedSequence(seed).spawn(first_env + num_envs)[first_env:]
         self._reset_rngs = [np.random.default_rng(s) for s in children]
+        self._layout_seeds = None if layout_seeds is None else tuple(int(s) for s in layout_seeds)
+        self._cycle_layouts = cycle_layouts
+        self._resets = np.zeros(num_envs, dtype=np.int64)  # per env, for cycle_layouts
         self._last_obs: list[dict[str, np.ndarray]] | None = None
         self._episode_return = np.zeros(num_envs, dtype=np.float64)
         self._episode_length = np.zeros(num_envs, dtype=np.int32)
@@ -288,8 +304,11 @@ class EnvBatch:
         )
 
     @classmethod
-    def for_task(cls, task: TaskConfig, num_envs: int, seed: int, first_env: int = 0) -> EnvBatch:
-        """The run's task as configured (reward, time limit, frequencies): env servers and evaluation agree."""
+    def for_task(
+        cls, task: TaskConfig, num_envs: int, seed: int, first_env: int = 0, cycle_layouts: bool = False
+    ) -> EnvBatch:
+        """The run's task as configured (reward, time limit, frequencies, layout pool): env servers and evaluation
+        agree."""
         return cls(
             task.id,
             num_envs,
@@ -303,6 +322,8 @@ class EnvBatch:
             relative_reward=task.relative_reward,
             seed=seed,
             first_env=first_env,
+            layout_seeds=task.layout_seeds(),
+            cycle_layouts=cycle_layouts,
             render=task.render,
         )
 
@@ -333,11 +354,25 @@ class EnvBatch:
             raise RuntimeError("EnvBatch is closed")
 
     def _reset_env(self, i: int) -> dict[str, np.ndarray]:
-        seed = int(self._reset_rngs[i].integers(2**31 - 1))
-        obs, _ = self._envs[i].reset(seed=seed)
+        seed = int(self._reset_rngs[i].integers(2**31 - 1))  # the image randomization's, and the layout's if no pool
+        layout = seed
+        if self._layout_seeds is not None:
+            pool = self._layout_seeds
+            if self._cycle_layouts:
+                index = int(i + self._resets[i] * self.num_envs) % len(pool)
+            else:
+                index = int(self._reset_rngs[i].integers(len(pool)))
+            layout = pool[index]
+        self._resets[i] += 1
+        obs, _ = self._envs[i].reset(seed=layout)
         if self._observer is not None:
-            self._observer.new_episode(i, seed)  # per-episode image randomization, seeded like the layout
+            self._observer.new_episode(i, seed)  # per-episode image randomization
         return self._to_numpy_obs(obs)
+
+    @property
+    def layout_pool_size(self) -> int:
+        """How many fixed layouts episodes start from; 0 when every episode draws a new one."""
+        return 0 if self._layout_seeds is None else len(self._layout_seeds)
 
     def _snapshot(self, i: int) -> Any:
         """What the renderer needs of env ``i`` now (body and camera poses, its randomization); None for state."""

@@ -16,6 +16,7 @@ the same number by construction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Eval episodes draw their layouts from seeds far from the training env servers' (run.seed * 1000 + index * num_envs).
 EVAL_SEED_OFFSET = 1_000_003
+LAYOUT_CHOICES = ("held-out", "pool")
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     parser.add_argument("--episodes", type=int, default=50, help="episodes to evaluate (default 50)")
     parser.add_argument("--num-envs", type=int, default=None, help="envs run together (default env_server.num_envs)")
     parser.add_argument("--seed", type=int, default=None, help=f"layout seed (default run.seed + {EVAL_SEED_OFFSET})")
+    parser.add_argument(
+        "--layouts",
+        choices=LAYOUT_CHOICES,
+        default="held-out",
+        help="held-out: new cube/plate layouts, seeded apart from training's (default); pool: the task.layout_pool "
+        "fixed layouts the run trains on (RLinf's metric), the first --episodes of them each once",
+    )
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
     parser.add_argument(
         "--device",
@@ -246,9 +255,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
         parser.error(f"policy device {device!r} (--device or policy_server.device) but CUDA is not available here")
     num_envs = config.env_server.num_envs if args.num_envs is None else args.num_envs
     seed = config.run.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    pool_size = config.task.layout_pool
+    if args.layouts == "pool" and pool_size == 0:
+        parser.error("--layouts pool: the config has no layout pool (set task.layout_pool=N, as the run trained)")
+    if args.layouts == "pool" and args.episodes % pool_size:
+        log.warning(
+            "--layouts pool: %d episodes do not cover the %d pool layouts evenly; some count once more than others",
+            args.episodes,
+            pool_size,
+        )
+    # Held-out layouts ignore the pool: every episode a new layout, from seeds training never draws.
+    task = config.task if args.layouts == "pool" else dataclasses.replace(config.task, layout_pool=0)
+    layouts = "held-out" if args.layouts == "held-out" else f"pool of {pool_size} (seed {task.layout_pool_seed})"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics dominates; keep one core per process
 
-    with EnvBatch.for_task(config.task, num_envs, seed) as batch:
+    with EnvBatch.for_task(task, num_envs, seed, cycle_layouts=args.layouts == "pool") as batch:
         policy = build_eval_policy(config, batch)
         try:
             policy.load_state_dict(load_model_weights(weights_file))
@@ -263,12 +284,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             return 2
         policy.to(device)  # a VLA on one CPU thread decides a few times a second; the run serves it from its GPU
         log.info(
-            "loaded %s on %s; evaluating %d episodes on %d envs (seed %d)",
+            "loaded %s on %s; evaluating %d episodes on %d envs (seed %d), layouts: %s",
             weights_file,
             device,
             args.episodes,
             num_envs,
             seed,
+            layouts,
         )
         recorder = None
         image_keys = sorted(k for k in batch.observation_spec if k.startswith("rgb/"))
@@ -291,7 +313,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     mode = "stochastic" if args.stochastic else "deterministic"
     low, high = wilson_interval(sum(result.episode_success_once), result.episodes)
     print(
-        f"{config.task.id} {weights_file}: {result.episodes} episodes ({mode}), "
+        f"{config.task.id} {weights_file}: {result.episodes} episodes ({mode}, layouts {layouts}), "
         f"success_once {100 * result.success_once_rate:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%), "
         f"mean return {result.mean_return:.2f}, "
         f"mean length {result.mean_length:.1f}, {result.wall_s:.0f} s"
@@ -305,6 +327,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             "deterministic": not args.stochastic,
             "num_envs": num_envs,
             "seed": seed,
+            "layouts": args.layouts,
+            "layout_pool": pool_size if args.layouts == "pool" else 0,
             "device": device,
             "config": config.to_dict(),
             "result": asdict(result),

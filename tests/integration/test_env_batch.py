@@ -207,3 +207,51 @@ def test_relative_reward_pays_each_change_once_and_restarts_with_each_episode() 
     # Episode 2 starts from 0 again, not from episode 1's last reward.
     raw2, rel2 = results[2][0].step_rewards, results[2][1].step_rewards
     np.testing.assert_allclose(rel2, np.diff(raw2, axis=1, prepend=0.0), rtol=1e-5, atol=1e-6)
+
+
+def first_states(layout_seed: int) -> np.ndarray:
+    """The initial state of the layout ``layout_seed``: a one-layout pool starts every episode there."""
+    with EnvBatch(TASK, 1, layout_seeds=[layout_seed], seed=99) as single:
+        return single.reset()["state"][0]
+
+
+def test_a_layout_pool_starts_every_episode_from_one_of_its_layouts() -> None:
+    pool = [101, 202, 303]
+    reference = np.stack([first_states(seed) for seed in pool])
+    assert not np.allclose(reference[0], reference[1])  # the pool's layouts differ
+    starts = []
+    with EnvBatch(TASK, 2, max_episode_steps=1, layout_seeds=pool, seed=3) as envs:
+        starts.extend(envs.reset()["state"])
+        for _ in range(8):  # every 1-step episode ends and resets
+            starts.extend(envs.step_chunk(open_still(2, 1)).observations["state"])
+    matches = [int(np.flatnonzero(np.all(np.isclose(reference, s, atol=1e-6), axis=1))[0]) for s in starts]
+    assert len(matches) == 18 and set(matches) == {0, 1, 2}  # 18 episodes, all from the pool, all of it used
+    with EnvBatch(TASK, 1, max_episode_steps=1, seed=3) as fresh:
+        fresh_starts = [fresh.reset()["state"][0]] + [fresh.step_chunk(open_still(1, 1)).observations["state"][0]]
+    assert not any(np.all(np.isclose(reference, s, atol=1e-6), axis=1).any() for s in fresh_starts)
+
+
+def test_cycled_layouts_give_each_pool_layout_once_in_evaluation_order() -> None:
+    """Env i's j-th episode takes layout i + j * B: 2 envs with quotas 3 and 2 cover a 5-layout pool exactly."""
+    pool = [11, 22, 33, 44, 55]
+    reference = np.stack([first_states(seed) for seed in pool])
+    with EnvBatch(TASK, 2, max_episode_steps=1, layout_seeds=pool, cycle_layouts=True) as envs:
+        starts = [envs.reset()["state"]]
+        starts += [envs.step_chunk(open_still(2, 1)).observations["state"] for _ in range(2)]
+    order = [
+        [int(np.flatnonzero(np.all(np.isclose(reference, s[i], atol=1e-6), axis=1))[0]) for s in starts] for i in (0, 1)
+    ]
+    assert order == [[0, 2, 4], [1, 3, 0]]  # env 1's third episode is beyond its quota of 2 and wraps
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"layout_seeds": []}, "empty"),
+        ({"cycle_layouts": True}, "needs layout_seeds"),
+        ({"layout_seeds": [1], "cycle_layouts": True, "first_env": 2}, "unsplit"),
+    ],
+)
+def test_bad_layout_pool_arguments_are_refused(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        EnvBatch(TASK, 1, **kwargs)

@@ -104,11 +104,50 @@ def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     # The loaded weights act like the saved policy, not like a fresh init (whose mean actions are near zero).
     assert result["episode_returns"] == pytest.approx(expected.episode_returns, abs=1e-5)
     assert result["episode_returns"] != pytest.approx(fresh.episode_returns, abs=1e-5)
-    assert "2 episodes (deterministic), success_once 0.0%" in capsys.readouterr().out
+    assert report["layouts"] == "held-out" and report["layout_pool"] == 0
+    assert "2 episodes (deterministic, layouts held-out), success_once 0.0%" in capsys.readouterr().out
 
     # The file itself works as --checkpoint too.
     file_args = ["--checkpoint", str(checkpoint / "model.safetensors"), "--episodes", "1", "--num-envs", "1"]
     assert main([*file_args, *OVERRIDES]) == 0
+
+
+def test_pool_evaluation_scores_the_training_layouts_and_held_out_ignores_the_pool(tmp_path: Path) -> None:
+    """With task.layout_pool=3, `--layouts pool` runs the pool's 3 layouts, each once; the default (held-out) runs
+    3 new layouts even though the config has a pool, exactly as a config without one does."""
+    pooled = [*OVERRIDES, "task.layout_pool=3"]
+    config = load_config(None, pooled)
+    with EnvBatch.for_task(config.task, 1, seed=0) as envs:
+        policy = moving_policy(envs)
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(checkpoint))
+
+    def returns(layouts: str, overrides: list[str]) -> list[float]:
+        out = tmp_path / f"{layouts}-{len(overrides)}.json"
+        args = ["--checkpoint", str(checkpoint), "--episodes", "3", "--num-envs", "2", "--json", str(out)]
+        assert main([*args, "--layouts", layouts, *overrides]) == 0
+        report = json.loads(out.read_text())
+        assert report["layouts"] == layouts and report["layout_pool"] == (3 if layouts == "pool" else 0)
+        return sorted(report["result"]["episode_returns"])
+
+    on_pool, held_out = returns("pool", pooled), returns("held-out", pooled)
+    assert held_out == returns("held-out", OVERRIDES)  # the pool changes nothing for held-out layouts
+    assert on_pool != held_out
+    # Each pool layout once: the same returns as one single-env episode per layout, in any order.
+    per_layout = []
+    for seed in config.task.layout_seeds() or ():
+        with EnvBatch(TASK, 1, max_episode_steps=STEPS, layout_seeds=[seed]) as one:
+            per_layout += evaluate_policy(policy, one, 1).episode_returns
+    assert on_pool == pytest.approx(sorted(per_layout), abs=1e-5)
+
+
+def test_pool_layouts_without_a_pool_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")  # never read: the layouts are checked first
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--checkpoint", str(checkpoint), "--layouts", "pool", *OVERRIDES])
+    assert exc_info.value.code == 2
+    assert "task.layout_pool" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from gsrl.cli import COMMANDS, main
+from gsrl.cli import COMMANDS, add_config_arguments, main, parse_role_arguments
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,3 +49,13 @@ def test_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "-c", "no_such_preset"]) == 2
     err = capsys.readouterr().err
     assert "presets: " in err and "state_ppo" in err and "gs_ppo" in err
+
+
+def test_overrides_may_come_in_runs_between_options() -> None:
+    """Scripts prepend common overrides and append per-call ones (the GPU campaign's evals): both runs count."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    parser.add_argument("--episodes", type=int, default=1)
+    args, config = parse_role_arguments(parser, ["algo.gamma=0.9", "--episodes", "3", "task.layout_pool=4"], "test")
+    assert args.episodes == 3
+    assert (config.algo.gamma, config.task.layout_pool) == (pytest.approx(0.9), 4)

@@ -57,6 +57,7 @@ def test_critic_lr_defaults_to_none_and_overrides_parse() -> None:
         ("algo.critic_lr=0", "algo.critic_lr", "> 0"),
         ("algo.critic_lr=-1.55e-4", "algo.critic_lr", "> 0"),
         ("algo.critic_lr=fast", "algo.critic_lr", "matches none of"),
+        ("task.layout_pool=-1", "task.layout_pool", ">= 0"),
         ("bogus.key=1", "bogus", "unknown key"),
     ],
 )
@@ -119,3 +120,15 @@ def test_extends_chains_and_reports_cycles_and_missing_parents(tmp_path) -> None
     (tmp_path / "bad.yaml").write_text("extends: [a.yaml]\n")
     with pytest.raises(ConfigError, match="must name a config file"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_layout_pool_is_a_fixed_function_of_its_size_and_seed() -> None:
+    """Training env servers and `gsrl eval --layouts pool` build the pool apart: it must depend on nothing else."""
+    assert load_config(None, []).task.layout_seeds() is None  # the default: a new layout every episode
+    pool = load_config(None, ["task.layout_pool=64"]).task.layout_seeds()
+    assert pool is not None and len(pool) == len(set(pool)) == 64
+    assert all(0 <= seed < 2**31 for seed in pool)
+    assert load_config(None, ["task.layout_pool=64", "run.seed=5"]).task.layout_seeds() == pool
+    assert load_config(None, ["task.layout_pool=8"]).task.layout_seeds() == pool[:8]  # a smaller pool is a prefix
+    other = load_config(None, ["task.layout_pool=64", "task.layout_pool_seed=1"]).task.layout_seeds()
+    assert other is not None and not set(other) & set(pool)
