@@ -45,3 +45,16 @@ def test_every_sample_once_per_epoch_in_a_new_order_each_epoch() -> None:
 def test_the_seed_decides_the_order() -> None:
     assert _samples(4, 3, seed=3) == _samples(4, 3, seed=3)
     assert _samples(4, 3, seed=3) != _samples(4, 3, seed=4)
+
+
+def test_every_batch_is_full_so_a_compiled_model_never_sees_a_new_shape() -> None:
+    """10 samples in batches of 4: each epoch gives 2 full batches and leaves 2 samples to later epochs."""
+    batches = list(itertools.islice(_batches(torch.utils.data.TensorDataset(torch.arange(10)), 4, seed=0), 50))
+    assert {len(batch[0]) for batch in batches} == {4}
+    seen = torch.cat([batch[0] for batch in batches])
+    assert set(seen.tolist()) == set(range(10))  # a new permutation each epoch: no sample is left out for good
+
+
+def test_a_dataset_smaller_than_a_batch_is_one_batch_each_step() -> None:
+    batches = list(itertools.islice(_batches(torch.utils.data.TensorDataset(torch.arange(3)), 4, seed=0), 3))
+    assert [sorted(batch[0].tolist()) for batch in batches] == [[0, 1, 2]] * 3
