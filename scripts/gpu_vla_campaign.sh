@@ -4,11 +4,11 @@
 # 1. demonstrations: COLLECTORS `gsrl collect` processes at once (different --seed, one per core slice, spread over
 #    the GPUs), DEMOS_EACH successful expert episodes each (DART noise, clean labels);
 # 2. `gsrl sft` on all of them, data-parallel on every GPU (SFT_GPUS), compiled when the compiled VLA matches eager;
-# 3. `gsrl eval` of the SFT checkpoint, then PPO from it: variant A on GPU 0 (the committed recipe on POOL fixed
-#    layouts, RLinf's fixed reset states, plus RL_A) and, with 2 GPUs, variant B (RL_B, default: the recipe on a new
-#    layout every episode) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
-# 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts, and the SFT's and A's on A's pool too
-#    (each pool layout once), then a learning curve per variant.
+# 3. `gsrl eval` of the SFT checkpoint, then PPO from it on POOL fixed layouts (RLinf's fixed reset states; 0 = a
+#    new layout every episode): variant A (the committed recipe, plus RL_A) on GPU 0 and, with 2 GPUs, variant B
+#    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
+# 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, as of the SFT's, on the pool (each
+#    pool layout equally often), then a learning curve per variant.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
 set -u
 # Run from a private copy (REPO_COPY): later device calls re-sync the working tree under the repo root.
@@ -31,12 +31,15 @@ SFT_SHIFT=${SFT_SHIFT:-8}
 SFT_SECONDS=${SFT_SECONDS:-0}  # wall-clock budget of SFT's training loop (gsrl sft --max-seconds); 0 = SFT_STEPS decide
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
-POOL=${POOL:-128}             # variant A's fixed layouts (task.layout_pool); 0 = A also draws a new layout per episode
-RL_A=${RL_A:-}                # more overrides of PPO variant A (GPU 0)
-# variant B (GPU 1), default the committed recipe on new layouts; $R/rl_b_overrides, if written by then, wins. The
-# whole VLA trainable (512-sample minibatches ran out of an H200's memory in one pass, hence micro-batches):
+POOL=${POOL:-64}              # fixed layouts PPO trains on (task.layout_pool; RLinf: one per env, 64); 0 = new ones
+POOL_EPISODES=${POOL_EPISODES:-$(( POOL > 0 ? (EVAL_EPISODES + POOL - 1) / POOL * POOL : 0 ))}  # each layout as often
+RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
+# variant B (GPU 1): half the recipe's Flow-SDE noise level. With a = 0.5 the seventh session's SFT succeeded in 23 %
+# of deterministic evaluations but in about 8 % of its noisy training episodes, so PPO learned on a much weaker
+# policy than it was judged by. $R/rl_b_overrides, if written by then, wins. The whole VLA trainable instead
+# (512-sample minibatches ran out of an H200's memory in one pass, hence micro-batches):
 #   RL_B="policy.train_expert_only=false algo.micro_batch_size=128"
-RL_B=${RL_B:-}
+RL_B=${RL_B:-policy.noise_level=0.25}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-50}  # PPO checkpoints kept (every 10 updates), for evaluations after the run
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
@@ -46,8 +49,8 @@ HALF=$((NCPU > 1 ? NCPU / 2 : 1))
 CPUS=(0-$((HALF - 1)) $((HALF % NCPU))-$((NCPU - 1)))  # PPO A's cores, B's cores
 PYTHON=${PYTHON:-python3}
 GSRL="$PYTHON -m gsrl.cli"
-POOLED=(); (( POOL > 0 )) && POOLED=(task.layout_pool=$POOL) && RL_A="task.layout_pool=$POOL $RL_A"
-log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH (${SFT_SECONDS}s) rl=${RL_SECONDS}s A='$RL_A' B='$RL_B'"
+POOLED=(); (( POOL > 0 )) && POOLED=(task.layout_pool=$POOL)
+log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH (${SFT_SECONDS}s) rl=${RL_SECONDS}s pool=$POOL A='$RL_A' B='$RL_B'"
 nvidia-smi > $R/nvidia-smi.txt 2>&1
 for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
@@ -102,17 +105,17 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
     --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
-    $OVERRIDES "$@" > $R/rl-$name.log 2>&1
+    $OVERRIDES "${POOLED[@]}" "$@" > $R/rl-$name.log 2>&1
   log "rl $name rc=$? $((SECONDS - start))s $(grep -E '^iter' $R/rl-$name.log | tail -1)"
   local last; last=$(ls -d $R/rl-$name/checkpoints/update_* 2>/dev/null | sort | tail -1)
   [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
   evaluate rl-$name $last $gpu $cpus --videos 2 &
-  [[ " $* " == *" task.layout_pool="* ]] && evaluate_pool rl-$name $last $gpu $cpus &
+  (( POOL > 0 )) && evaluate_pool rl-$name $last $gpu $cpus &
   wait
 }
 
-evaluate_pool() {  # evaluate_pool NAME CHECKPOINT GPU CPUS: on the POOL fixed layouts of variant A, each once
-  evaluate $1-pool $2 $3 $4 --layouts pool --episodes $POOL "${POOLED[@]}"
+evaluate_pool() {  # evaluate_pool NAME CHECKPOINT GPU CPUS: on the POOL layouts PPO trains on, each equally often
+  evaluate $1-pool $2 $3 $4 --layouts pool --episodes $POOL_EPISODES "${POOLED[@]}"
 }
 
 monitor() {  # a progress line per PPO run every 60 s, for the poll calls
@@ -134,8 +137,8 @@ wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
 for name in A B; do  # a learning curve per variant, with the evaluations it has (after all of them have ended)
   [ -d $R/rl-$name ] || continue
-  # Variant A's training success is on its pool: its curve marks the pool evaluations, where there are some.
-  pool=; [ $name = A ] && [ -f $R/eval-rl-A-pool.json ] && pool=-pool
+  # Training success is on the pool: the curve marks the pool evaluations, where there are some.
+  pool=; [ -f $R/eval-rl-$name-pool.json ] && pool=-pool
   evals=(); for e in "SFT=$R/eval-sft$pool.json" "RL=$R/eval-rl-$name$pool.json"; do
     [ -f ${e#*=} ] && evals+=(--eval "$e")
   done

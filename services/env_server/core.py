@@ -369,11 +369,6 @@ class EnvBatch:
             self._observer.new_episode(i, seed)  # per-episode image randomization
         return self._to_numpy_obs(obs)
 
-    @property
-    def layout_pool_size(self) -> int:
-        """How many fixed layouts episodes start from; 0 when every episode draws a new one."""
-        return 0 if self._layout_seeds is None else len(self._layout_seeds)
-
     def _snapshot(self, i: int) -> Any:
         """What the renderer needs of env ``i`` now (body and camera poses, its randomization); None for state."""
         return None if self._observer is None else self._observer.snapshot(i)

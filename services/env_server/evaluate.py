@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
         choices=LAYOUT_CHOICES,
         default="held-out",
         help="held-out: new cube/plate layouts, seeded apart from training's (default); pool: the task.layout_pool "
-        "fixed layouts the run trains on (RLinf's metric), the first --episodes of them each once",
+        "fixed layouts the run trains on (RLinf's metric), in turn: each once in as many episodes as the pool has",
     )
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
     parser.add_argument(
