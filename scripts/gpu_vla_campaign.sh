@@ -7,8 +7,8 @@
 # 3. `gsrl eval` of the SFT checkpoint, then PPO from it on POOL fixed layouts (RLinf's fixed reset states; 0 = a
 #    new layout every episode): variant A (the committed recipe, plus RL_A) on GPU 0 and, with 2 GPUs, variant B
 #    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
-# 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, as of the SFT's, on the pool (each
-#    pool layout equally often), then a learning curve per variant.
+# 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, like the SFT checkpoint's, on the
+#    pool (each pool layout equally often), then a learning curve per variant.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
 set -u
 # Run from a private copy (REPO_COPY): later device calls re-sync the working tree under the repo root.
