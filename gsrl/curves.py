@@ -3,7 +3,9 @@
 The learner writes its scalars to ``RUN_DIR/tensorboard`` (``gsrl.loggers``); this draws the training success rate
 (``env/success_once``, over the episodes that ended since the last update) and the mean episode return against the
 learner's update count, and marks ``gsrl eval`` results (their ``--json`` reports) as points with their 95 %
-confidence interval, so one picture shows the SFT start, the RL curve and the evaluated end. A picture file instead
+confidence interval, so one picture shows the SFT start, the RL curve and the evaluated checkpoints. A report of a
+training checkpoint (``.../update_N``) sits at update N; others sit at the start (the first of several, e.g. SFT)
+or at the end. A picture file instead
 of a TensorBoard link because it goes into the README and docs, where nobody runs TensorBoard.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ class CurveError(ValueError):
 
 SUCCESS_TAG = "env/success_once"
 RETURN_TAG = "env/return"
+CHECKPOINT_UPDATE = re.compile(r"update_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class EvalPoint:
     low: float
     high: float
     episodes: int
+    update: int | None = None
+    """The learner update of the evaluated checkpoint (``update_N`` in its path); None for others (e.g. SFT)."""
 
 
 def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, Series]:
@@ -66,7 +72,15 @@ def read_eval(label: str, path: Path) -> EvalPoint:
         report = json.loads(path.read_text())
         result = report["result"]
         low, high = report["success_once_ci95"]
-        return EvalPoint(label, float(result["success_once_rate"]), float(low), float(high), int(result["episodes"]))
+        numbered = CHECKPOINT_UPDATE.search(str(report.get("checkpoint", "")))
+        return EvalPoint(
+            label,
+            float(result["success_once_rate"]),
+            float(low),
+            float(high),
+            int(result["episodes"]),
+            int(numbered.group(1)) if numbered else None,
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CurveError(f"{path} is not a `gsrl eval --json` report: {exc}") from exc
 
@@ -76,6 +90,14 @@ def parse_eval_arg(item: str) -> tuple[str, Path]:
     if not sep or not label or not path:
         raise CurveError(f"expected LABEL=PATH (e.g. SFT=runs/eval-sft.json), got {item!r}")
     return label, Path(path)
+
+
+def eval_positions(evals: Sequence[EvalPoint], last_step: int) -> list[int]:
+    """Each point's x: its checkpoint's update; else the start for the first of several, the end otherwise."""
+    return [
+        point.update if point.update is not None else (0 if i == 0 and len(evals) > 1 else last_step)
+        for i, point in enumerate(evals)
+    ]
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -110,8 +132,7 @@ def plot(series: dict[str, Series], evals: Sequence[EvalPoint], out: Path, title
         ax.grid(alpha=0.3)
     success_ax = axes[0]
     last_step = max((series[t].steps[-1] for t in panels if series[t].steps), default=0)
-    for i, point in enumerate(evals):
-        x = 0 if i == 0 and len(evals) > 1 else last_step
+    for i, (point, x) in enumerate(zip(evals, eval_positions(evals, last_step), strict=True)):
         err = [[100 * (point.success - point.low)], [100 * (point.high - point.success)]]
         success_ax.errorbar(
             [x], [100 * point.success], yerr=err, fmt="o", color=f"C{i + 1}", capsize=4,
@@ -136,7 +157,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl curve") -> int:
         action="append",
         default=[],
         metavar="LABEL=JSON",
-        help="a `gsrl eval --json` report to mark (the first at the start when there are several, e.g. SFT=...)",
+        help="a `gsrl eval --json` report to mark: at its checkpoint's update (update_N), else the first of several "
+        "at the start (e.g. SFT=...) and the others at the end",
     )
     parser.add_argument("--title", default=None)
     parser.add_argument("--window", type=int, default=10, help="updates in the smoothed curve (default 10)")

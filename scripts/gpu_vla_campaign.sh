@@ -41,6 +41,7 @@ RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the 
 #   RL_B="policy.train_expert_only=false algo.micro_batch_size=128"
 RL_B=${RL_B:-policy.noise_level=0.25}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-50}  # PPO checkpoints kept (every 10 updates), for evaluations after the run
+MID_EVERY=${MID_EVERY:-20}    # also evaluate every MID_EVERY-th update's checkpoint (0: only the last), on the pool if any
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
@@ -111,6 +112,12 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
   evaluate rl-$name $last $gpu $cpus --videos 2 &
   (( POOL > 0 )) && evaluate_pool rl-$name $last $gpu $cpus &
+  # Checkpoints along the way, deterministic: the seventh session's PPO peaked at update 40 and fell after it.
+  for ckpt in $(ls -d $R/rl-$name/checkpoints/update_* | sort); do
+    local n=$((10#${ckpt##*update_}))
+    (( MID_EVERY > 0 && n % MID_EVERY == 0 )) && [ "$ckpt" != "$last" ] || continue
+    if (( POOL > 0 )); then evaluate_pool rl-$name-u$n $ckpt $gpu $cpus & else evaluate rl-$name-u$n $ckpt $gpu $cpus & fi
+  done
   wait
 }
 
@@ -139,11 +146,12 @@ for name in A B; do  # a learning curve per variant, with the evaluations it has
   [ -d $R/rl-$name ] || continue
   # Training success is on the pool: the curve marks the pool evaluations, where there are some.
   pool=; [ -f $R/eval-rl-$name-pool.json ] && pool=-pool
-  evals=(); for e in "SFT=$R/eval-sft$pool.json" "RL=$R/eval-rl-$name$pool.json"; do
-    [ -f ${e#*=} ] && evals+=(--eval "$e")
+  evals=(); labels=; for e in "SFT=$R/eval-sft$pool.json" $(ls $R/eval-rl-$name-u*$pool.json 2>/dev/null | sort -V | \
+    sed -E 's/.*-u([0-9]+)[^/]*$/u\1=&/') "RL=$R/eval-rl-$name$pool.json"; do  # each at its checkpoint's update
+    [ -f ${e#*=} ] && evals+=(--eval "$e") && labels+="${e%%=*} "
   done
   $GSRL curve $R/rl-$name --out $R/curve-$name.png "${evals[@]}" --title "$CONFIG: SFT, then PPO ($name)" \
     > $R/curve-$name.log 2>&1
-  log "curve $name rc=$? $(tail -1 $R/curve-$name.log | cut -c1-160)"
+  log "curve $name rc=$? marks ${labels:-nothing}$(tail -1 $R/curve-$name.log | cut -c1-160)"
 done
 log "DONE"; touch $R/DONE

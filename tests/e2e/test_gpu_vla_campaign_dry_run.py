@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
         "EVAL_EPISODES": "2",
         "RL_SECONDS": "25",
         "POOL": "3",
+        "MID_EVERY": "10",  # the run makes 20-26 updates: u10 and u20 along the way
         "RL_A": "algo.gamma=0.97",
         "RL_B": "policy.train_expert_only=false algo.micro_batch_size=128",
         "OVERRIDES": f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'}",
@@ -68,6 +70,10 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     for name in ("sft", "rl-A", "rl-B"):  # also on the training layouts: 2 rounded up to whole pools of 3
         report = json.loads((results / f"eval-{name}-pool.json").read_text())
         assert report["result"]["episodes"] == 3 and (report["layouts"], report["layout_pool"]) == ("pool", 3)
+    # Checkpoints along the way (every 10th update, on the pool), each marked in the curve at its update.
+    mid = json.loads((results / "eval-rl-A-u10-pool.json").read_text())
+    assert mid["checkpoint"].endswith("update_000010/model.safetensors") and mid["layouts"] == "pool"
+    assert re.search(r"curve A rc=0 marks SFT u10 (u\d+ )*RL ", log), log
     assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
     config_b = (results / "rl-B" / "config.yaml").read_text()
     assert "train_expert_only: false" in config_b and "micro_batch_size: 128" in config_b

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gsrl.cli import main as gsrl_main
-from gsrl.curves import SUCCESS_TAG, CurveError, read_eval, read_scalars, smooth
+from gsrl.curves import SUCCESS_TAG, CurveError, eval_positions, read_eval, read_scalars, smooth
 from gsrl.loggers import TensorBoardLogger
 from services.env_server.evaluate import wilson_interval
 
@@ -23,10 +23,10 @@ def _run_dir(tmp_path: Path, updates: int = 30) -> Path:
     return run
 
 
-def _eval_report(path: Path, successes: int, episodes: int) -> Path:
+def _eval_report(path: Path, successes: int, episodes: int, checkpoint: str = "runs/sft/model.safetensors") -> Path:
     low, high = wilson_interval(successes, episodes)
     result = {"episodes": episodes, "success_once_rate": successes / episodes, "mean_return": 1.0}
-    path.write_text(json.dumps({"result": result, "success_once_ci95": [low, high], "checkpoint": "x"}))
+    path.write_text(json.dumps({"result": result, "success_once_ci95": [low, high], "checkpoint": checkpoint}))
     return path
 
 
@@ -72,3 +72,18 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, capsys) -> None:
     run = _run_dir(tmp_path)
     assert gsrl_main(["curve", str(run), "--out", str(tmp_path / "c.png"), "--eval", "no-equals-sign"]) == 2
     assert "expected LABEL=PATH" in capsys.readouterr().err
+
+
+def test_evaluated_training_checkpoints_sit_at_their_update(tmp_path: Path) -> None:
+    """SFT at the start, PPO checkpoints at their updates (a mid-run peak shows), an unnumbered one at the end."""
+    sft = read_eval("SFT", _eval_report(tmp_path / "sft.json", 20, 100))
+    mid = read_eval(
+        "RL", _eval_report(tmp_path / "u20.json", 30, 100, "runs/rl/checkpoints/update_000020/model.safetensors")
+    )
+    other = read_eval("other", _eval_report(tmp_path / "other.json", 25, 100, "/elsewhere/model.safetensors"))
+    assert (sft.update, mid.update, other.update) == (None, 20, None)
+    assert eval_positions([sft, mid, other], last_step=57) == [0, 20, 57]
+    assert eval_positions([other], last_step=57) == [57]  # a lone report marks the end
+    run = _run_dir(tmp_path)
+    args = ["curve", str(run), "--out", str(tmp_path / "c.png"), "--eval", f"SFT={tmp_path / 'sft.json'}"]
+    assert gsrl_main([*args, "--eval", f"RL u20={tmp_path / 'u20.json'}"]) == 0
