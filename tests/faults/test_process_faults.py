@@ -28,6 +28,14 @@ def assert_accounted(rig: Rig) -> dict[str, int]:
     return counts
 
 
+def streamed_env_keys(rig: Rig) -> set[str]:
+    """The env keys (``env-<server>/<env>``) of every segment in the stream."""
+    return {
+        segment_from_proto(trajectory_pb2.TrajectorySegment.FromString(fields[SEGMENT_FIELD])).env_key
+        for _entry_id, fields in rig.client.xrange(rig.keys.stream)
+    }
+
+
 @pytest.mark.timeout(150)
 def test_kill_env_server_others_keep_stepping(tmp_path: Path) -> None:
     # No learner: every segment stays in the stream, so the killed env server's segments can be inspected.
@@ -36,7 +44,10 @@ def test_kill_env_server_others_keep_stepping(tmp_path: Path) -> None:
         try:
             rig.spawn("policy_server", "policy")
             victim, survivor = rig.env_server(0), rig.env_server(1)
-            rig.wait_for(lambda: rig.env_steps() > 50, "both env servers stepping", 90)
+            # Both envs of the victim must have streamed a segment before the kill (on a loaded runner a total step
+            # count was reached by the survivor alone, and the victim died with nothing in the stream).
+            wanted = {"env-0/0", "env-0/1", "env-1/0"}
+            rig.wait_for(lambda: wanted <= streamed_env_keys(rig), "segments from both env servers", 90)
             victim.process.send_signal(signal.SIGKILL)
             victim.process.wait(10)
             rig.children.remove(victim)
