@@ -5,8 +5,8 @@ The learner writes its scalars to ``RUN_DIR/tensorboard`` (``gsrl.loggers``); th
 learner's update count, and marks ``gsrl eval`` results (their ``--json`` reports) as points with their 95 %
 confidence interval, so one picture shows the SFT start, the RL curve and the evaluated checkpoints. A report of a
 training checkpoint (``.../update_N``) sits at update N; others sit at the start (the first of several, e.g. SFT)
-or at the end. A picture file instead
-of a TensorBoard link because it goes into the README and docs, where nobody runs TensorBoard.
+or at the end. A picture file instead of a TensorBoard link because it goes into the README and docs, where nobody
+runs TensorBoard.
 """
 
 from __future__ import annotations
