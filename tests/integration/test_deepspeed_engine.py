@@ -17,33 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The workers import gsrl and the tests' shared builders (tests/_segments.py).
+WORKER_PYTHONPATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _one_step_segment(policy: object, observations: dict, rewards: object) -> object:
-    """A segment of 1-step episodes that ``policy`` acted in (sampled now), paid ``rewards``: runs in the workers."""
-    import torch
-
-    from gsrl.trajectory import Segment
-
-    out = policy.act(observations)
-    size = len(rewards)
-    return Segment(
-        observations=observations,
-        action_chunks=out.action_chunk,
-        logprobs=out.logprobs,
-        values=out.values,
-        rewards=rewards,
-        terminated=torch.ones(size, dtype=torch.bool),
-        truncated=torch.zeros(size, dtype=torch.bool),
-        next_values=torch.zeros(size),
-        policy_versions=torch.zeros(size, dtype=torch.int64),
-    )
 
 
 def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
@@ -53,6 +34,7 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from _segments import one_step_segment
 
     from gsrl.config import AlgoConfig
     from gsrl.policy import build_policy
@@ -73,8 +55,7 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
             dist.all_reduce(tensor)
             return tensor
 
-        segment = _one_step_segment(policy, {"state": torch.randn(16, 4)}, torch.zeros(16))
-        segment.rewards = (segment.action_chunks[:, 0, 0] > 0).float()  # paid for the sampled actions
+        segment = one_step_segment(policy, {"state": torch.randn(16, 4)})
         core = PPOLearnerCore(policy, engine, algo, all_reduce_sum=all_reduce_sum)
         metrics = core.update([segment])
         changed = [name for name, p in policy.named_parameters() if not torch.equal(p.detach().float(), before[name])]
@@ -184,6 +165,7 @@ def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from _segments import one_step_segment
 
     from gsrl.config import AlgoConfig
     from gsrl.policy import build_policy
@@ -205,7 +187,7 @@ def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
             initial = torch.cat([p.detach().float().flatten() for p in policy.parameters()])
             torch.manual_seed(1 + rank)
             rewards = torch.randn(16, generator=torch.Generator().manual_seed(200 + rank))
-            segment = _one_step_segment(policy, obs, rewards)
+            segment = one_step_segment(policy, obs, rewards)
             PPOLearnerCore(policy, engine, algo, generator=torch.Generator().manual_seed(0)).update([segment])
             weights.append(torch.cat([p.detach().float().flatten() for p in policy.parameters()]))
         moved = float((weights[0] - initial).abs().max())
@@ -225,7 +207,7 @@ def test_micro_batches_on_two_ranks_give_the_whole_minibatchs_update(zero_stage:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
     command += [f"--master-port={_free_port()}", __file__, "micro", str(zero_stage)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = WORKER_PYTHONPATH
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     # The two ranks print at once, so their lines can run together.
@@ -251,7 +233,7 @@ def _run_worker(args: list[str]) -> dict[str, object]:
         "WORLD_SIZE": "1",
         "LOCAL_WORLD_SIZE": "1",
         "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": WORKER_PYTHONPATH,
     }
     proc = subprocess.run(
         [sys.executable, __file__, *args],

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _segments import one_step_segment
 
 from gsrl.config import AlgoConfig
 from gsrl.policy import build_policy
@@ -40,25 +41,9 @@ def _policy(seed: int = 0, **kwargs: object) -> Policy:
 
 def _bandit_segments(policy: Policy, num_segments: int, length: int, gen: torch.Generator) -> list[Segment]:
     """One-step episodes sampled from ``policy``: reward 1 iff the first action of the chunk has dim 0 > 0."""
-    segments = []
-    for _ in range(num_segments):
-        obs = {"state": torch.randn(length, STATE_DIM, generator=gen)}
-        out = policy.act(obs)
-        rewards = (out.action_chunk[:, 0, 0] > 0).float()
-        segments.append(
-            Segment(
-                observations=obs,
-                action_chunks=out.action_chunk,
-                logprobs=out.logprobs,
-                values=out.values,
-                rewards=rewards,
-                terminated=torch.ones(length, dtype=torch.bool),
-                truncated=torch.zeros(length, dtype=torch.bool),
-                next_values=torch.zeros(length),
-                policy_versions=torch.zeros(length, dtype=torch.int64),
-            )
-        )
-    return segments
+    return [
+        one_step_segment(policy, {"state": torch.randn(length, STATE_DIM, generator=gen)}) for _ in range(num_segments)
+    ]
 
 
 def _random_segments(policy: Policy, gen: torch.Generator) -> list[Segment]:
