@@ -141,32 +141,36 @@ def test_pool_evaluation_scores_the_training_layouts_and_held_out_ignores_the_po
     assert on_pool == pytest.approx(sorted(per_layout), abs=1e-5)
 
 
-def test_pool_layouts_without_a_pool_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")  # never read: the layouts are checked first
+def refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``gsrl eval ARGS`` must end as a usage error (exit 2) before evaluating anything; returns its message."""
     with pytest.raises(SystemExit) as exc_info:
-        main(["--checkpoint", str(checkpoint), "--layouts", "pool", *OVERRIDES])
+        main([*args, *OVERRIDES])
     assert exc_info.value.code == 2
-    assert "task.layout_pool" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def unread_checkpoint(tmp_path: Path) -> str:
+    """An empty weights file: the arguments are checked before it is read."""
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    return str(checkpoint)
+
+
+def test_pool_layouts_without_a_pool_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = refused(["--checkpoint", unread_checkpoint(tmp_path), "--layouts", "pool"], capsys)
+    assert "task.layout_pool" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")  # never read: the device is checked first
-    with pytest.raises(SystemExit) as exc_info:
-        main(["--checkpoint", str(checkpoint), "--device", "cuda", *OVERRIDES])
-    assert exc_info.value.code == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    err = refused(["--checkpoint", unread_checkpoint(tmp_path), "--device", "cuda"], capsys)
+    assert "CUDA is not available" in err
 
 
 @pytest.mark.parametrize("make_path", [lambda d: d / "missing", lambda d: d, lambda d: d / "missing.safetensors"])
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], make_path) -> None:
     path = make_path(tmp_path)  # a missing dir, a dir without model.safetensors, a missing file
-    with pytest.raises(SystemExit) as exc_info:
-        main(["--checkpoint", str(path), *OVERRIDES])
-    assert exc_info.value.code == 2
-    err = capsys.readouterr().err
+    err = refused(["--checkpoint", str(path)], capsys)
     assert "checkpoint not found" in err and str(path) in err
 
 
