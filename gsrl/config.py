@@ -435,7 +435,8 @@ class AlgoConfig:
     # activation memory (the whole 229M-parameter `small` VLA at 512 samples ran out of an H200's 141 GB).
     micro_batch_size: int = 0
     normalize_advantages: bool = True
-    # Stop the epochs early when approx_kl exceeds it; 0 = never.
+    # Stop the epochs early when approx_kl exceeds it; 0 = never. With several learner ranks the KL is averaged over
+    # them, so every rank stops at the same minibatch (their gradient all-reduces must pair up).
     target_kl: float = 0.0
     # Segments whose policy_version is more than this many versions behind the learner are dropped.
     max_policy_lag: int = 2
@@ -579,11 +580,6 @@ class Config:
             samples >= algo.num_minibatches,
             "algo.num_minibatches",
             f"must be <= segments_per_update * segment_length ({samples})",
-        )
-        _require(
-            algo.target_kl == 0 or learner.world_size == 1,
-            "algo.target_kl",
-            "early stopping on KL needs learner.world_size == 1 (ranks must run the same number of steps)",
         )
         needed = 2 * learner.world_size * learner.segments_per_update
         _require(

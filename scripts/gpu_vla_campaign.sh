@@ -6,7 +6,8 @@
 # 2. `gsrl sft` on all of them, data-parallel on every GPU (SFT_GPUS), compiled when the compiled VLA matches eager;
 # 3. `gsrl eval` of the SFT checkpoint, then PPO from it on POOL fixed layouts (RLinf's fixed reset states; 0 = a
 #    new layout every episode): variant A (the committed recipe, plus RL_A) on GPU 0 and, with 2 GPUs, variant B
-#    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long;
+#    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long; with RL_GPUS=2, variant A alone on
+#    both GPUs and every core (RL_CONFIG_2GPU: data-parallel learner ranks, twice the env servers);
 # 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, like the SFT checkpoint's, on the
 #    pool (each pool layout equally often), then a learning curve per variant.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
@@ -34,6 +35,10 @@ RL_SECONDS=${RL_SECONDS:-540}
 POOL=${POOL:-64}              # fixed layouts PPO trains on (task.layout_pool; RLinf: one per env, 64); 0 = new ones
 POOL_EPISODES=${POOL_EPISODES:-$(( POOL > 0 ? (EVAL_EPISODES + POOL - 1) / POOL * POOL : 0 ))}  # each layout as often
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
+# 2: variant A alone on GPUs 0 and 1 and every core, with RL_CONFIG_2GPU (learner ranks on both GPUs, 16 env servers):
+# on half the host, the ninth session's PPO waited on its env servers; no variant B then.
+RL_GPUS=${RL_GPUS:-1}
+RL_CONFIG_2GPU=${RL_CONFIG_2GPU:-${CONFIG}_2gpu}
 # variant B (GPU 1): half the recipe's Flow-SDE noise level. With a = 0.5 the seventh session's SFT succeeded in 23 %
 # of deterministic evaluations but in about 8 % of its noisy training episodes, so PPO learned on a much weaker
 # policy than it was judged by. $R/rl_b_overrides, if written by then, wins. The whole VLA trainable instead
@@ -45,13 +50,14 @@ MID_EVERY=${MID_EVERY:-20}    # also evaluate every MID_EVERY-th update's checkp
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
+RL_CONFIG=$CONFIG; (( RL_GPUS > 1 && NGPU > 1 )) && RL_CONFIG=$RL_CONFIG_2GPU || RL_GPUS=1
 NCPU=$(OMP_NUM_THREADS= nproc)  # nproc reports OMP_NUM_THREADS when set, not the cores
 HALF=$((NCPU > 1 ? NCPU / 2 : 1))
 CPUS=(0-$((HALF - 1)) $((HALF % NCPU))-$((NCPU - 1)))  # PPO A's cores, B's cores
 PYTHON=${PYTHON:-python3}
 GSRL="$PYTHON -m gsrl.cli"
 POOLED=(); (( POOL > 0 )) && POOLED=(task.layout_pool=$POOL)
-log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH (${SFT_SECONDS}s) rl=${RL_SECONDS}s pool=$POOL A='$RL_A' B='$RL_B'"
+log "gpus=$NGPU cpus=$NCPU collectors=$COLLECTORS x $DEMOS_EACH sft=$SFT_STEPS x $SFT_BATCH (${SFT_SECONDS}s) rl=${RL_SECONDS}s on $RL_GPUS GPU(s) ($RL_CONFIG) pool=$POOL A='$RL_A' B='$RL_B'"
 nvidia-smi > $R/nvidia-smi.txt 2>&1
 for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
@@ -100,10 +106,12 @@ evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of E
   log "eval $name rc=$? $((SECONDS - start))s $(grep -E 'success_once' $R/eval-$name.log | tail -1 | cut -c1-200)"
 }
 
-ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, then its evaluation
-  # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i)
-  local name=$1 gpu=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
-  CUDA_VISIBLE_DEVICES=$gpu taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $CONFIG \
+ppo() {  # ppo NAME GPUS CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, then its evaluations
+  # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i).
+  # GPUS "0,1": the run sees both; its evaluations then go to the first (held-out) and the last (pool).
+  local name=$1 gpus=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
+  local gpu=${gpus%%,*} pool_gpu=${gpus##*,}
+  CUDA_VISIBLE_DEVICES=$gpus taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $RL_CONFIG \
     --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
     $OVERRIDES "${POOLED[@]}" "$@" > $R/rl-$name.log 2>&1
@@ -111,12 +119,13 @@ ppo() {  # ppo NAME GPU CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT 
   local last; last=$(ls -d $R/rl-$name/checkpoints/update_* 2>/dev/null | sort | tail -1)
   [ -n "$last" ] || { log "rl $name: no checkpoint"; return; }
   evaluate rl-$name $last $gpu $cpus --videos 2 &
-  (( POOL > 0 )) && evaluate_pool rl-$name $last $gpu $cpus &
+  (( POOL > 0 )) && evaluate_pool rl-$name $last $pool_gpu $cpus &
   # Checkpoints along the way, deterministic: the seventh session's PPO peaked at update 40 and fell after it.
   for ckpt in $(ls -d $R/rl-$name/checkpoints/update_* | sort); do
     local n=$((10#${ckpt##*update_}))
     (( MID_EVERY > 0 && n % MID_EVERY == 0 )) && [ "$ckpt" != "$last" ] || continue
-    if (( POOL > 0 )); then evaluate_pool rl-$name-u$n $ckpt $gpu $cpus & else evaluate rl-$name-u$n $ckpt $gpu $cpus & fi
+    local on=$gpu; (( n / MID_EVERY % 2 )) && on=$pool_gpu  # alternate when the run had two GPUs
+    if (( POOL > 0 )); then evaluate_pool rl-$name-u$n $ckpt $on $cpus & else evaluate rl-$name-u$n $ckpt $on $cpus & fi
   done
   wait
 }
@@ -131,15 +140,21 @@ monitor() {  # a progress line per PPO run every 60 s, for the poll calls
   done
 }
 
-# 3-4. SFT evaluation beside PPO: A on GPU 0 / first half of the cores, B on GPU 1 / second half
+# 3-4. SFT evaluation beside PPO: A on GPU 0 / first half of the cores, B on GPU 1 / second half; with RL_GPUS=2,
+# A alone on every GPU and core
 monitor &
 mon=$!
 evaluate sft $R/sft 0 ${CPUS[0]} &
 (( POOL > 0 )) && evaluate_pool sft $R/sft $((NGPU - 1)) ${CPUS[1]} &
-ppo A 0 ${CPUS[0]} 0 $RL_A &
-[ -f $R/rl_b_overrides ] && RL_B=$(cat $R/rl_b_overrides)
-log "PPO A overrides '$RL_A', B overrides '$RL_B'"
-(( NGPU > 1 )) && ppo B 1 ${CPUS[1]} 50 $RL_B &
+if (( RL_GPUS > 1 )); then
+  log "PPO A overrides '$RL_A' on GPUs 0-$((NGPU - 1)), no B"
+  ppo A $(seq -s, 0 $((NGPU - 1))) 0-$((NCPU - 1)) 0 $RL_A &
+else
+  ppo A 0 ${CPUS[0]} 0 $RL_A &
+  [ -f $R/rl_b_overrides ] && RL_B=$(cat $R/rl_b_overrides)
+  log "PPO A overrides '$RL_A', B overrides '$RL_B'"
+  (( NGPU > 1 )) && ppo B 1 ${CPUS[1]} 50 $RL_B &
+fi
 wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
 for name in A B; do  # a learning curve per variant, with the evaluations it has (after all of them have ended)
@@ -150,7 +165,7 @@ for name in A B; do  # a learning curve per variant, with the evaluations it has
     sed -E 's/.*-u([0-9]+)[^/]*$/u\1=&/') "RL=$R/eval-rl-$name$pool.json"; do  # each at its checkpoint's update
     [ -f ${e#*=} ] && evals+=(--eval "$e") && labels+="${e%%=*} "
   done
-  $GSRL curve $R/rl-$name --out $R/curve-$name.png "${evals[@]}" --title "$CONFIG: SFT, then PPO ($name)" \
+  $GSRL curve $R/rl-$name --out $R/curve-$name.png "${evals[@]}" --title "$RL_CONFIG: SFT, then PPO ($name)" \
     > $R/curve-$name.log 2>&1
   log "curve $name rc=$? marks ${labels:-nothing}$(tail -1 $R/curve-$name.log | cut -c1-160)"
 done

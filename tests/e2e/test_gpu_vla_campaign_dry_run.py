@@ -24,7 +24,8 @@ TINY = (
 )
 
 
-def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: Path) -> None:
+def _run_campaign(tmp_path: Path, **settings: str) -> tuple[Path, str]:
+    """Runs the campaign with ``settings`` over the defaults below; returns its results folder and log."""
     results = tmp_path / "results"
     env = {
         **os.environ,
@@ -35,6 +36,20 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
         "NGPU": "2",
         "GSPLAT_WAIT": "0",
         "COMPILE_PROBE": "0",
+        "OVERRIDES": f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'}",
+        "DS_ACCELERATOR": "cpu",
+        **settings,
+    }
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_vla_campaign.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    log = (results / "campaign.log").read_text()
+    assert proc.returncode == 0 and (results / "DONE").exists(), log + proc.stderr[-3000:]
+    return results, log
+
+
+def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: Path) -> None:
+    settings = {
         "COLLECTORS": "2",
         "DEMOS_EACH": "2",
         "SFT_STEPS": "2",
@@ -47,14 +62,8 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
         "MID_EVERY": "10",  # the run makes 20-26 updates: u10 and u20 along the way
         "RL_A": "algo.gamma=0.97",
         "RL_B": "policy.train_expert_only=false algo.micro_batch_size=128",
-        "OVERRIDES": f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'}",
-        "DS_ACCELERATOR": "cpu",
     }
-    proc = subprocess.run(
-        ["bash", "scripts/gpu_vla_campaign.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
-    log = (results / "campaign.log").read_text()
-    assert proc.returncode == 0 and (results / "DONE").exists(), log + proc.stderr[-3000:]
+    results, log = _run_campaign(tmp_path, **settings)
 
     for i in range(2):  # one dataset per collector, each from its own seed
         info = json.loads((results / f"demos-{i}" / "meta" / "info.json").read_text())
@@ -79,3 +88,34 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert "train_expert_only: false" in config_b and "micro_batch_size: 128" in config_b
     config_a = (results / "rl-A" / "config.yaml").read_text()
     assert "gamma: 0.97" in config_a and "layout_pool: 3" in config_a and "layout_pool: 3" in config_b
+
+
+def test_campaign_dry_run_with_one_ppo_run_on_both_gpus(tmp_path: Path) -> None:
+    """``RL_GPUS=2``: variant A alone, with the 2-GPU config (2 learner ranks, here on gloo), and no variant B."""
+    results, log = _run_campaign(
+        tmp_path,
+        COLLECTORS="1",
+        DEMOS_EACH="2",
+        SFT_GPUS="1",
+        SFT_STEPS="2",
+        SFT_BATCH="4",
+        SFT_SHIFT="2",
+        EVAL_EPISODES="2",
+        RL_SECONDS="25",
+        POOL="0",
+        MID_EVERY="0",
+        RL_GPUS="2",
+        # no GPU here: the 2-GPU config's NCCL broadcast goes over gloo
+        OVERRIDES=f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'} learner.broadcast_backend=gloo",
+    )
+    assert "on 2 GPU(s) (gs_vla_ppo_2gpu)" in log and "on GPUs 0-1, no B" in log
+    config = (results / "rl-A" / "config.yaml").read_text()
+    assert "world_size: 2" in config and "target_kl: 0.1" in config
+    for rank in (0, 1):  # both ranks trained in step and stopped on their own
+        assert re.search(
+            rf"rank {rank}: stopped after \d+ updates",
+            (results / "rl-A" / "logs" / f"learner-{rank}.log").read_text(),
+        )
+    assert not (results / "rl-B").exists()
+    assert json.loads((results / "eval-rl-A.json").read_text())["result"]["episodes"] == 2
+    assert (results / "curve-A.png").stat().st_size > 0

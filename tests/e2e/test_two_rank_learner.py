@@ -31,6 +31,7 @@ def test_two_learner_ranks_train_in_step_and_exit(tmp_path: Path) -> None:
         "learner.world_size=2",
         "learner.zero_stage=2",
         "redis.max_stream_len=16",
+        "algo.target_kl=0.01",  # stopping early on the KL averaged over the ranks must keep them in step
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "gsrl.cli", "train", "-c", "state_ppo", "--run-dir", str(run_dir), *overrides],

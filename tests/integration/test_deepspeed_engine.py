@@ -204,19 +204,79 @@ def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_micro_batches_on_two_ranks_give_the_whole_minibatchs_update(zero_stage: int) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
-    command += [f"--master-port={_free_port()}", __file__, "micro", str(zero_stage)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = WORKER_PYTHONPATH
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    # The two ranks print at once, so their lines can run together.
-    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
-    assert sorted(r["rank"] for r in results) == [0, 1]
+    results = _run_two_ranks(["micro", str(zero_stage)])
     for result in results:
         assert result["moved"] > 1e-3  # the update did something
         assert result["max_difference"] < 1e-5, result
     assert results[0]["checksum"] == pytest.approx(results[1]["checksum"], rel=1e-9)  # the ranks stayed in step
+
+
+def _target_kl_worker(zero_stage: int) -> dict[str, object]:
+    """Runs on each of 2 gloo ranks: one PPO update, each rank on its own data, with a target_kl that its epochs
+    pass; returns how many minibatch steps it took and its weights' checksum."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from _segments import one_step_segment
+
+    from gsrl.config import AlgoConfig
+    from gsrl.policy import build_policy
+    from services.learner.core import PPOLearnerCore
+    from services.learner.engine import DeepSpeedEngine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        policy = build_policy("gaussian_mlp", {"state": ((4,), "float32")}, action_dim=2, action_chunk=3)
+        algo = AlgoConfig(update_epochs=20, num_minibatches=2, lr=1e-2, target_kl=1e-3)
+        engine = DeepSpeedEngine(policy, algo, zero_stage=zero_stage)
+        obs = {"state": torch.randn(16, 4, generator=torch.Generator().manual_seed(100 + rank))}
+        torch.manual_seed(1 + rank)
+        rewards = torch.randn(16, generator=torch.Generator().manual_seed(200 + rank)) * (1 + 3 * rank)
+        segment = one_step_segment(policy, obs, rewards)
+
+        def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(tensor)
+            return tensor
+
+        core = PPOLearnerCore(
+            policy, engine, algo, generator=torch.Generator().manual_seed(rank), all_reduce_sum=all_reduce_sum
+        )
+        metrics = core.update([segment])
+        return {
+            "rank": rank,
+            "steps": metrics["actor/num_minibatch_steps"],
+            "early_stopped": metrics["actor/early_stopped"],
+            "checksum": float(torch.cat([p.detach().double().flatten() for p in policy.parameters()]).sum()),
+        }
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_target_kl_stops_both_ranks_at_the_same_minibatch(zero_stage: int) -> None:
+    """Early stopping on KL with data-parallel learners: the ranks see different data (so different KLs), stop
+    together on their mean KL, and end with the same weights. A rank stopping alone would leave the other waiting
+    in its next gradient all-reduce: the run would hang, and this test time out."""
+    results = _run_two_ranks(["kl", str(zero_stage)])
+    steps = {r["steps"] for r in results}
+    assert len(steps) == 1 and 1 <= steps.pop() < 40, results  # stopped, and at the same minibatch
+    assert all(r["early_stopped"] == 1.0 for r in results), results
+    assert results[0]["checksum"] == pytest.approx(results[1]["checksum"], rel=1e-9)
+
+
+def _run_two_ranks(args: list[str]) -> list[dict[str, object]]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
+    command += [f"--master-port={_free_port()}", __file__, *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": WORKER_PYTHONPATH}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    # The two ranks print at once, so their lines can run together.
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
+    assert sorted(r["rank"] for r in results) == [0, 1], proc.stdout[-4000:]
+    return sorted(results, key=lambda r: r["rank"])
 
 
 def _run(zero_stage: int, bf16: bool) -> dict[str, object]:
@@ -292,6 +352,8 @@ if __name__ == "__main__":
         result = _critic_lr_worker(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "micro":
         result = _micro_batch_worker(int(sys.argv[2]))
+    elif sys.argv[1] == "kl":
+        result = _target_kl_worker(int(sys.argv[2]))
     else:
         result = _worker(int(sys.argv[1]), bool(int(sys.argv[2])))
     print("RESULT " + json.dumps(result), flush=True)

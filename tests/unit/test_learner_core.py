@@ -115,6 +115,32 @@ def test_target_kl_stops_early() -> None:
     assert metrics["actor/num_minibatch_steps"] < 40
 
 
+def test_target_kl_decides_on_the_kl_averaged_over_ranks() -> None:
+    """A data-parallel rank stops when the ranks' mean KL passes target_kl, even if its own KL never does: every rank
+    must take the same number of optimizer steps, or their gradient all-reduces stop pairing up."""
+    reported: list[float] = []
+
+    def with_a_rank_far_off(tensor: torch.Tensor) -> torch.Tensor:
+        # The one cross-rank sum the update makes here is [kl, 1]; the other rank adds a KL of 1000.
+        reported.append(float(tensor[0]))
+        return tensor + torch.tensor([1000.0, 1.0], dtype=tensor.dtype)
+
+    runs = {}
+    for name, all_reduce_sum in (("alone", None), ("two ranks", with_a_rank_far_off)):
+        policy = _policy()
+        core = PPOLearnerCore(
+            policy,
+            TorchEngine(policy.parameters(), lr=1e-3, max_grad_norm=1.0),
+            AlgoConfig(update_epochs=4, num_minibatches=2, target_kl=1.0),
+            generator=torch.Generator().manual_seed(0),
+            all_reduce_sum=all_reduce_sum,
+        )
+        runs[name] = core.update(_random_segments(policy, torch.Generator().manual_seed(3)))
+    assert runs["alone"]["actor/early_stopped"] == 0.0 and runs["alone"]["actor/num_minibatch_steps"] == 8
+    assert runs["two ranks"]["actor/early_stopped"] == 1.0 and runs["two ranks"]["actor/num_minibatch_steps"] == 1
+    assert len(reported) == 1 and reported[0] < 1.0  # this rank's own KL alone would not have stopped it
+
+
 def test_too_few_samples_for_minibatches_is_an_error() -> None:
     policy = _policy()
     core = PPOLearnerCore(policy, TorchEngine(policy.parameters(), lr=3e-4, max_grad_norm=1.0), AlgoConfig())
