@@ -148,7 +148,15 @@ evaluate sft $R/sft 0 ${CPUS[0]} &
 (( POOL > 0 )) && evaluate_pool sft $R/sft $((NGPU - 1)) ${CPUS[1]} &
 if (( RL_GPUS > 1 )); then
   log "PPO A overrides '$RL_A' on GPUs 0-$((NGPU - 1)), no B"
-  ppo A $(seq -s, 0 $((NGPU - 1))) 0-$((NCPU - 1)) 0 $RL_A &
+  ( start=$SECONDS
+    ppo A $(seq -s, 0 $((NGPU - 1))) 0-$((NCPU - 1)) 0 $RL_A
+    # A device session allows one campaign: if the whole-host run made no checkpoint, spend what is left of its time
+    # on the one-GPU config rather than on nothing.
+    if ! compgen -G "$R/rl-A/checkpoints/update_*" > /dev/null; then
+      RL_SECONDS=$((RL_SECONDS - (SECONDS - start))) RL_CONFIG=$CONFIG
+      log "PPO on $NGPU GPUs made no checkpoint: A1 on GPU 0 with $CONFIG for the ${RL_SECONDS}s left"
+      (( RL_SECONDS >= 60 )) && ppo A1 0 0-$((NCPU - 1)) 0 $RL_A
+    fi ) &
 else
   ppo A 0 ${CPUS[0]} 0 $RL_A &
   [ -f $R/rl_b_overrides ] && RL_B=$(cat $R/rl_b_overrides)
@@ -157,7 +165,7 @@ else
 fi
 wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
-for name in A B; do  # a learning curve per variant, with the evaluations it has (after all of them have ended)
+for name in A A1 B; do  # a learning curve per variant (A1: A's one-GPU fallback), with the evaluations it has (after all of them have ended)
   [ -d $R/rl-$name ] || continue
   # Training success is on the pool: the curve marks the pool evaluations, where there are some.
   pool=; [ -f $R/eval-rl-$name-pool.json ] && pool=-pool

@@ -119,3 +119,27 @@ def test_campaign_dry_run_with_one_ppo_run_on_both_gpus(tmp_path: Path) -> None:
     assert not (results / "rl-B").exists()
     assert json.loads((results / "eval-rl-A.json").read_text())["result"]["episodes"] == 2
     assert (results / "curve-A.png").stat().st_size > 0
+
+
+def test_campaign_dry_run_falls_back_to_one_gpu_when_the_whole_host_run_fails(tmp_path: Path) -> None:
+    """A 2-GPU PPO run that makes no checkpoint (here: a config that does not exist) leaves the rest of its time to
+    variant A on one GPU with the campaign's config, so a device session still ends with a PPO checkpoint."""
+    results, log = _run_campaign(
+        tmp_path,
+        COLLECTORS="1",
+        DEMOS_EACH="2",
+        SFT_GPUS="1",
+        SFT_STEPS="2",
+        SFT_BATCH="4",
+        SFT_SHIFT="2",
+        EVAL_EPISODES="2",
+        RL_SECONDS="70",
+        POOL="0",
+        MID_EVERY="0",
+        RL_GPUS="2",
+        RL_CONFIG_2GPU="no_such_config",
+    )
+    assert re.search(r"PPO on 2 GPUs made no checkpoint: A1 on GPU 0 with gs_vla_ppo for the \d+s left", log), log
+    assert "world_size: 1" in (results / "rl-A1" / "config.yaml").read_text()
+    assert json.loads((results / "eval-rl-A1.json").read_text())["result"]["episodes"] == 2
+    assert (results / "curve-A1.png").stat().st_size > 0
