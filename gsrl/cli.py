@@ -8,6 +8,7 @@ gsrl collect | sft [-c run.yaml] [...]                expert demonstrations (LeR
 gsrl config [-c run.yaml] [overrides]                 print the effective, validated config
 gsrl check [-c run.yaml] [overrides] [--steps N]      build env + policy, run steps end to end, ping services
 gsrl curve RUN_DIR --out curve.png [--eval L=J ...]   a run's learning curve, with eval results marked
+gsrl compare --base A.json --new B.json             two checkpoints' evals, episode by episode
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ COMMANDS = {
     "collect": ("gsrl.collect", "Record scripted-expert demonstrations as a LeRobot dataset (SFT data)."),
     "sft": ("services.learner.sft", "Supervised fine-tuning of the VLA on demonstrations (flow matching, DeepSpeed)."),
     "curve": ("gsrl.curves", "Draw a run's learning curve (training success, return, eval points) as a PNG."),
+    "compare": ("gsrl.compare", "Compare two checkpoints' eval reports episode by episode (McNemar's test)."),
     "check": ("gsrl.check", "Check env, policy, checkpoint and services fit: a few steps end to end, PASS/FAIL."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }

@@ -9,7 +9,7 @@
 #    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long; with RL_GPUS=2, variant A alone on
 #    both GPUs and every core (RL_CONFIG_2GPU: data-parallel learner ranks, twice the env servers);
 # 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, like the SFT checkpoint's, on the
-#    pool (each pool layout equally often), then a learning curve per variant.
+#    pool (each pool layout equally often), then a learning curve per variant and `gsrl compare` against SFT.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
 set -u
 # Run from a private copy (REPO_COPY): later device calls re-sync the working tree under the repo root.
@@ -32,6 +32,9 @@ SFT_SHIFT=${SFT_SHIFT:-8}
 SFT_SECONDS=${SFT_SECONDS:-0}  # wall-clock budget of SFT's training loop (gsrl sft --max-seconds); 0 = SFT_STEPS decide
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 RL_SECONDS=${RL_SECONDS:-540}
+# > 0: PPO ends by RL_END seconds after the campaign's start instead; RL_SECONDS is then what SFT left of that, less
+# 60 s for PPO's start-up and shutdown (at least 60). A device session's budget is fixed while collect and SFT vary.
+RL_END=${RL_END:-0}
 POOL=${POOL:-64}              # fixed layouts PPO trains on (task.layout_pool; RLinf: one per env, 64); 0 = new ones
 POOL_EPISODES=${POOL_EPISODES:-$(( POOL > 0 ? (EVAL_EPISODES + POOL - 1) / POOL * POOL : 0 ))}  # each layout as often
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
@@ -98,6 +101,10 @@ if [ ! -f $R/sft/model.safetensors ] && (( SFT_GPUS > 1 )); then
   start=$SECONDS; sft 1 $left; log "sft on 1 GPU rc=$? $((SECONDS - start))s $(tail -1 $R/sft-1gpu.log | cut -c1-200)"
 fi
 [ -f $R/sft/model.safetensors ] || finish "no SFT checkpoint: stopping"
+if (( RL_END > 0 )); then
+  RL_SECONDS=$((RL_END - (SECONDS - T0) - 60)); (( RL_SECONDS < 60 )) && RL_SECONDS=60
+  log "RL_END=${RL_END}s: PPO runs ${RL_SECONDS}s"
+fi
 
 evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of EVAL_EPISODES held-out episodes
   local name=$1 ckpt=$2 gpu=$3 cpus=$4 start=$SECONDS; shift 4
@@ -135,7 +142,9 @@ evaluate_pool() {  # evaluate_pool NAME CHECKPOINT GPU CPUS: on the POOL layouts
 }
 
 monitor() {  # a progress line per PPO run every 60 s, for the poll calls
-  while [ ! -f $R/DONE ]; do sleep 60
+  # Killed, it takes its sleep along: an orphaned sleep would hold the campaign's stdout open for up to a minute.
+  local sleeper=; trap 'kill $sleeper 2>/dev/null; exit 0' TERM
+  while [ ! -f $R/DONE ]; do sleep 60 & sleeper=$!; wait $sleeper
     for f in $R/rl-*.log; do [ -f $f ] && log "$(basename $f): $(grep -E '^iter' $f | tail -1 | cut -c1-150)"; done
   done
 }
@@ -176,5 +185,13 @@ for name in A A1 B; do  # a learning curve per variant (A1: A's one-GPU fallback
   $GSRL curve $R/rl-$name --out $R/curve-$name.png "${evals[@]}" --title "$RL_CONFIG: SFT, then PPO ($name)" \
     > $R/curve-$name.log 2>&1
   log "curve $name rc=$? marks ${labels:-nothing}$(tail -1 $R/curve-$name.log | cut -c1-160)"
+done
+for name in A A1 B; do  # each PPO checkpoint against SFT, episode by episode on the same layouts (gsrl compare)
+  for protocol in "" -pool; do
+    [ -f $R/eval-sft$protocol.json ] && [ -f $R/eval-rl-$name$protocol.json ] || continue
+    $GSRL compare --base $R/eval-sft$protocol.json --new $R/eval-rl-$name$protocol.json > $R/compare-$name$protocol.txt 2>&1
+    label=held-out; [ -n "$protocol" ] && label=pool
+    log "compare SFT -> $name $label: $(tail -1 $R/compare-$name$protocol.txt)"
+  done
 done
 log "DONE"; touch $R/DONE

@@ -60,6 +60,12 @@ class EvalResult:
     episode_returns: list[float]
     episode_lengths: list[int]
     episode_success_once: list[bool]
+    episode_envs: list[int]
+    """The env each episode ran on."""
+    episode_numbers: list[int]
+    """Each episode's number among its env's episodes. Two evaluations with the same seed, env count and episode
+    count give (env, number) the same layout and image randomization, whatever the policy: ``gsrl compare`` pairs
+    their episodes by it (the lists' order is the order episodes ended, which depends on the policy)."""
 
 
 def _episode_quotas(num_episodes: int, num_envs: int) -> np.ndarray:
@@ -111,6 +117,8 @@ def _run_episodes(
     returns: list[float] = []
     lengths: list[int] = []
     success_once: list[bool] = []
+    envs: list[int] = []
+    numbers: list[int] = []
     env_steps = 0
 
     start = last_log = time.monotonic()
@@ -128,6 +136,8 @@ def _run_episodes(
         env_steps += result.steps_executed
         for i in np.flatnonzero(result.ended):
             if finished[i] < quotas[i]:
+                envs.append(int(i))
+                numbers.append(int(finished[i]))
                 finished[i] += 1
                 returns.append(float(result.episode_return[i]))
                 lengths.append(int(result.episode_length[i]))
@@ -159,6 +169,8 @@ def _run_episodes(
         episode_returns=returns,
         episode_lengths=lengths,
         episode_success_once=success_once,
+        episode_envs=envs,
+        episode_numbers=numbers,
     )
 
 

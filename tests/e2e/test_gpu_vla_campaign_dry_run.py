@@ -84,6 +84,9 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert mid["checkpoint"].endswith("update_000010/model.safetensors") and mid["layouts"] == "pool"
     assert re.search(r"curve A rc=0 marks SFT u10 (u\d+ )*RL ", log), log
     assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
+    for name in ("A", "B"):  # each PPO checkpoint against SFT, episode by episode, on both protocols
+        assert re.search(rf"compare SFT -> {name} held-out: \d+ paired episodes: .* difference [+-]\d", log), log
+        assert re.search(rf"compare SFT -> {name} pool: \d+ paired episodes: .* difference [+-]\d", log), log
     config_b = (results / "rl-B" / "config.yaml").read_text()
     assert "train_expert_only: false" in config_b and "micro_batch_size: 128" in config_b
     config_a = (results / "rl-A" / "config.yaml").read_text()
@@ -101,7 +104,7 @@ def test_campaign_dry_run_with_one_ppo_run_on_both_gpus(tmp_path: Path) -> None:
         SFT_BATCH="4",
         SFT_SHIFT="2",
         EVAL_EPISODES="2",
-        RL_SECONDS="25",
+        RL_END="1",  # long past: PPO gets the 60 s floor
         POOL="0",
         MID_EVERY="0",
         RL_GPUS="2",
@@ -109,6 +112,8 @@ def test_campaign_dry_run_with_one_ppo_run_on_both_gpus(tmp_path: Path) -> None:
         OVERRIDES=f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'} learner.broadcast_backend=gloo",
     )
     assert "on 2 GPU(s) (gs_vla_ppo_2gpu)" in log and "on GPUs 0-1, no B" in log
+    assert "RL_END=1s: PPO runs 60s" in log
+    assert "duration_s: 60.0" in (results / "rl-A" / "config.yaml").read_text()
     config = (results / "rl-A" / "config.yaml").read_text()
     assert "world_size: 2" in config and "target_kl: 0.1" in config
     for rank in (0, 1):  # both ranks trained in step and stopped on their own

@@ -63,6 +63,9 @@ def test_evaluate_counts_episodes_per_env_quota(batch: EnvBatch, num_episodes: i
     # Each of the 2 envs runs its own quota (2 + 2, or 2 + 1): stepping stops once the larger quota is met, and the
     # 3-episode run steps env 1 through one episode it does not count.
     assert result.env_steps == 2 * 2 * STEPS
+    # Every counted episode is keyed by (env, its number on that env): env i's first quota[i] episodes, each once.
+    keys = sorted(zip(result.episode_envs, result.episode_numbers, strict=True))
+    assert keys == [(0, 0), (0, 1), (1, 0), (1, 1)][:num_episodes] if num_episodes == 4 else [(0, 0), (0, 1), (1, 0)]
 
 
 def test_evaluate_rejects_zero_episodes(batch: EnvBatch) -> None:
