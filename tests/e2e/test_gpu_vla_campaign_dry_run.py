@@ -93,29 +93,34 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert "gamma: 0.97" in config_a and "layout_pool: 3" in config_a and "layout_pool: 3" in config_b
 
 
+# The smallest campaign with RL_GPUS=2: one collector, SFT on one rank, no layout pool, no mid-run evaluations.
+WHOLE_HOST_PPO = {
+    "COLLECTORS": "1",
+    "DEMOS_EACH": "2",
+    "SFT_GPUS": "1",
+    "SFT_STEPS": "2",
+    "SFT_BATCH": "4",
+    "SFT_SHIFT": "2",
+    "EVAL_EPISODES": "2",
+    "POOL": "0",
+    "MID_EVERY": "0",
+    "RL_GPUS": "2",
+}
+
+
 def test_campaign_dry_run_with_one_ppo_run_on_both_gpus(tmp_path: Path) -> None:
     """``RL_GPUS=2``: variant A alone, with the 2-GPU config (2 learner ranks, here on gloo), and no variant B."""
     results, log = _run_campaign(
         tmp_path,
-        COLLECTORS="1",
-        DEMOS_EACH="2",
-        SFT_GPUS="1",
-        SFT_STEPS="2",
-        SFT_BATCH="4",
-        SFT_SHIFT="2",
-        EVAL_EPISODES="2",
+        **WHOLE_HOST_PPO,
         RL_END="1",  # long past: PPO gets the 60 s floor
-        POOL="0",
-        MID_EVERY="0",
-        RL_GPUS="2",
         # no GPU here: the 2-GPU config's NCCL broadcast goes over gloo
         OVERRIDES=f"{TINY} task.render.cache_dir={tmp_path / 'splat-cache'} learner.broadcast_backend=gloo",
     )
     assert "on 2 GPU(s) (gs_vla_ppo_2gpu)" in log and "on GPUs 0-1, no B" in log
     assert "RL_END=1s: PPO runs 60s" in log
-    assert "duration_s: 60.0" in (results / "rl-A" / "config.yaml").read_text()
     config = (results / "rl-A" / "config.yaml").read_text()
-    assert "world_size: 2" in config and "target_kl: 0.1" in config
+    assert "duration_s: 60.0" in config and "world_size: 2" in config and "target_kl: 0.1" in config
     for rank in (0, 1):  # both ranks trained in step and stopped on their own
         assert re.search(
             rf"rank {rank}: stopped after \d+ updates",
@@ -131,17 +136,8 @@ def test_campaign_dry_run_falls_back_to_one_gpu_when_the_whole_host_run_fails(tm
     variant A on one GPU with the campaign's config, so a device session still ends with a PPO checkpoint."""
     results, log = _run_campaign(
         tmp_path,
-        COLLECTORS="1",
-        DEMOS_EACH="2",
-        SFT_GPUS="1",
-        SFT_STEPS="2",
-        SFT_BATCH="4",
-        SFT_SHIFT="2",
-        EVAL_EPISODES="2",
+        **WHOLE_HOST_PPO,
         RL_SECONDS="70",
-        POOL="0",
-        MID_EVERY="0",
-        RL_GPUS="2",
         RL_CONFIG_2GPU="no_such_config",
     )
     assert re.search(r"PPO on 2 GPUs made no checkpoint: A1 on GPU 0 with gs_vla_ppo for the \d+s left", log), log
