@@ -174,7 +174,7 @@ else
 fi
 wait $(jobs -p | grep -v "^$mon$")
 kill $mon 2>/dev/null
-for name in A A1 B; do  # a learning curve per variant (A1: A's one-GPU fallback), with the evaluations it has (after all of them have ended)
+for name in A A1 B; do  # a learning curve per variant (A1: A's one-GPU fallback), with the evaluations it has
   [ -d $R/rl-$name ] || continue
   # Training success is on the pool: the curve marks the pool evaluations, where there are some.
   pool=; [ -f $R/eval-rl-$name-pool.json ] && pool=-pool
@@ -189,7 +189,8 @@ done
 for name in A A1 B; do  # each PPO checkpoint against SFT, episode by episode on the same layouts (gsrl compare)
   for protocol in "" -pool; do
     [ -f $R/eval-sft$protocol.json ] && [ -f $R/eval-rl-$name$protocol.json ] || continue
-    $GSRL compare --base $R/eval-sft$protocol.json --new $R/eval-rl-$name$protocol.json > $R/compare-$name$protocol.txt 2>&1
+    $GSRL compare --base $R/eval-sft$protocol.json --new $R/eval-rl-$name$protocol.json \
+      > $R/compare-$name$protocol.txt 2>&1
     label=held-out; [ -n "$protocol" ] && label=pool
     log "compare SFT -> $name $label: $(tail -1 $R/compare-$name$protocol.txt)"
   done

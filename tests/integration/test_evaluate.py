@@ -65,7 +65,7 @@ def test_evaluate_counts_episodes_per_env_quota(batch: EnvBatch, num_episodes: i
     assert result.env_steps == 2 * 2 * STEPS
     # Every counted episode is keyed by (env, its number on that env): env i's first quota[i] episodes, each once.
     keys = sorted(zip(result.episode_envs, result.episode_numbers, strict=True))
-    assert keys == [(0, 0), (0, 1), (1, 0), (1, 1)][:num_episodes] if num_episodes == 4 else [(0, 0), (0, 1), (1, 0)]
+    assert keys == ([(0, 0), (0, 1), (1, 0), (1, 1)] if num_episodes == 4 else [(0, 0), (0, 1), (1, 0)])
 
 
 def test_evaluate_rejects_zero_episodes(batch: EnvBatch) -> None:
