@@ -98,6 +98,11 @@ def test_other_episode_counts_and_keyless_reports_are_refused(tmp_path: Path) ->
         compare([base], [old])
     with pytest.raises(CompareError, match="as many reports"):
         compare([base, base], [base])
+    torn = json.loads(base.read_text())
+    torn["result"]["episode_numbers"].pop()
+    (tmp_path / "torn.json").write_text(json.dumps(torn))
+    with pytest.raises(CompareError, match="differ in length"):
+        compare([base], [tmp_path / "torn.json"])
 
 
 def test_cli_prints_the_comparison_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
