@@ -27,6 +27,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _all_reduce_sum(tensor: object) -> object:
+    """The learner core's cross-rank sum, on the workers' process group (as ``LearnerServer`` does it)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
     """Runs inside the subprocess: one PPO update on synthetic segments through DeepSpeed."""
     import math
@@ -51,12 +59,8 @@ def _worker(zero_stage: int, bf16: bool) -> dict[str, object]:
         assert engine.module is policy
         before = {name: p.detach().float().clone() for name, p in policy.named_parameters()}
 
-        def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(tensor)
-            return tensor
-
         segment = one_step_segment(policy, {"state": torch.randn(16, 4)})
-        core = PPOLearnerCore(policy, engine, algo, all_reduce_sum=all_reduce_sum)
+        core = PPOLearnerCore(policy, engine, algo, all_reduce_sum=_all_reduce_sum)
         metrics = core.update([segment])
         changed = [name for name, p in policy.named_parameters() if not torch.equal(p.detach().float(), before[name])]
         return {
@@ -236,12 +240,8 @@ def _target_kl_worker(zero_stage: int) -> dict[str, object]:
         rewards = torch.randn(16, generator=torch.Generator().manual_seed(200 + rank)) * (1 + 3 * rank)
         segment = one_step_segment(policy, obs, rewards)
 
-        def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(tensor)
-            return tensor
-
         core = PPOLearnerCore(
-            policy, engine, algo, generator=torch.Generator().manual_seed(rank), all_reduce_sum=all_reduce_sum
+            policy, engine, algo, generator=torch.Generator().manual_seed(rank), all_reduce_sum=_all_reduce_sum
         )
         metrics = core.update([segment])
         return {
