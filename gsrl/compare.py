@@ -83,10 +83,12 @@ def load_report(path: Path) -> dict:
 
 def _episode_successes(report: dict, path: Path) -> dict[tuple[int, int], bool]:
     result = report["result"]
+    if "episode_success_once" not in result:
+        raise CompareError(f"{path}: no per-episode successes (result.episode_success_once)")
     try:
         keys = list(zip(result["episode_envs"], result["episode_numbers"], strict=True))
         successes = dict(zip(keys, (bool(s) for s in result["episode_success_once"]), strict=True))
-    except (KeyError, ValueError):
+    except ValueError:
         raise CompareError(f"{path}: its per-episode lists (envs, numbers, success_once) differ in length") from None
     if len(successes) != len(keys):
         raise CompareError(f"{path}: an (env, number) key repeats")
