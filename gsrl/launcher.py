@@ -1,9 +1,10 @@
 """``gsrl train``: the whole loop on one machine, every role a separate process, as pods would run it.
 
-Starts a private redis-server in the run directory, the learner ranks, the policy servers and the
-env servers from one config; prints a progress line; and shuts everything down in an order that
-loses nothing (env servers first, then policy servers flush their partial segments, then the
-learners checkpoint, then Redis) at the end of the budget or on Ctrl-C.
+Starts a private redis-server in the run directory, the learner ranks, the policy servers
+(``policy_server.num_servers``, the env servers spread over them) and the env servers from one config;
+prints a progress line; and shuts everything down in an order that loses nothing (env servers first,
+then policy servers flush their partial segments, then the learners checkpoint, then Redis) at the end
+of the budget or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def effective_config(config: Config, redis_port: int) -> Config:
     return config.with_overrides(overrides)
 
 
+def policy_ports(config: Config) -> list[int]:
+    """One gRPC port per policy server (``policy_server.num_servers``), the config's ``policy_server.port`` first."""
+    return [config.policy_server.port, *(free_port() for _ in range(config.policy_server.num_servers - 1))]
+
+
+def policy_address_for(policy_ports: Sequence[int], env_server_index: int) -> str:
+    """Env server ``i`` streams to policy server ``i mod n``: the env servers split evenly over the policy servers.
+
+    One address each, not the whole list: an env server with several moves on after 3 s without an answer
+    (``EnvServer.run``), so env servers that start before a slow policy server (a VLA checkpoint loading) would
+    pile onto whichever answered first and stay there. A policy server that dies ends a local run anyway.
+    """
+    return f"127.0.0.1:{policy_ports[env_server_index % len(policy_ports)]}"
+
+
 def gpu_plan(config: Config, environ: Mapping[str, str]) -> tuple[GpuPlan, list[str]]:
     """Where each child computes: ``placement`` over the GPUs this process sees, and how children name them.
 
@@ -104,7 +120,7 @@ def gpu_plan(config: Config, environ: Mapping[str, str]) -> tuple[GpuPlan, list[
     count = config.placement.gpus or len(names)
     if count > len(names):
         raise ConfigError("placement.gpus", f"{count} GPU(s) asked for, but this machine shows {len(names)}")
-    return plan_for(config, count), names[:count]
+    return plan_for(config, count, policy_servers=config.policy_server.num_servers), names[:count]
 
 
 def with_gpus(
@@ -288,15 +304,21 @@ def train(config: Config, run_dir: Path) -> int:
             }
             rank_env = with_gpus(rank_env, plan, gpu_names, LEARNER, rank)
             fleet.children.append(spawn("learner", f"learner-{rank}", common, rank_env, logs))
-        policy_env = with_gpus(env, plan, gpu_names, POLICY_SERVER, 0)
-        fleet.children.append(
-            spawn("policy_server", "policy-server-0", [*common, "--id", "policy-0"], policy_env, logs)
-        )
+        ports = policy_ports(config)
+        for i, port in enumerate(ports):
+            policy_env = with_gpus(env, plan, gpu_names, POLICY_SERVER, i)
+            own = [f"policy_server.port={port}"]
+            if i and config.policy_server.metrics_port:  # one metrics port each, as env servers have
+                own.append(f"policy_server.metrics_port={config.policy_server.metrics_port + i}")
+            fleet.children.append(
+                spawn("policy_server", f"policy-server-{i}", [*common, "--id", f"policy-{i}", *own], policy_env, logs)
+            )
         for i in range(config.env_server.num_servers):
             env_i = with_gpus(env, plan, gpu_names, ENV_SERVER, i, renders=renders_with_sapien(config, ENV_SERVER))
-            fleet.children.append(
-                spawn("env_server", f"env-server-{i}", [*common, "--index", str(i), "--id", f"env-{i}"], env_i, logs)
-            )
+            args = ["--index", str(i), "--id", f"env-{i}"]
+            if len(ports) > 1:
+                args.append(f"env_server.policy_address={policy_address_for(ports, i)}")
+            fleet.children.append(spawn("env_server", f"env-server-{i}", [*common, *args], env_i, logs))
         log.info("run directory %s; logs in %s; tensorboard --logdir %s", run_dir, logs, run_dir / "tensorboard")
         progress = ProgressLine(client, config, started)
         next_line = started + config.run.log_every_s

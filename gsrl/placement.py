@@ -261,7 +261,7 @@ def gpu_roles(config: Config) -> frozenset[str]:
 
 
 def plan_for(config: Config, num_gpus: int, *, policy_servers: int = 1) -> GpuPlan:
-    """The placement of a local run of ``config`` over ``num_gpus`` GPUs (``gsrl train`` starts one policy server)."""
+    """The placement of a local run of ``config`` over ``num_gpus`` GPUs (``gsrl train`` passes its policy servers)."""
     placement = config.placement
     return assign_gpus(
         placement.preset,

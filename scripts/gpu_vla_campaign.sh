@@ -6,8 +6,8 @@
 # 2. `gsrl sft` on all of them, data-parallel on every GPU (SFT_GPUS), compiled when the compiled VLA matches eager;
 # 3. `gsrl eval` of the SFT checkpoint, then PPO from it on POOL fixed layouts (RLinf's fixed reset states; 0 = a
 #    new layout every episode): variant A (the committed recipe, plus RL_A) on GPU 0 and, with 2 GPUs, variant B
-#    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long; with RL_GPUS=2, variant A alone on
-#    both GPUs and every core (RL_CONFIG_2GPU: data-parallel learner ranks, twice the env servers);
+#    (RL_B) on GPU 1 at the same time, each on half the cores, RL_SECONDS long; with RL_GPUS=N (2 or 4), variant A
+#    alone on N GPUs and every core (RL_CONFIG_MULTI: data-parallel learner ranks, N times the env servers);
 # 4. `gsrl eval` of each PPO's last checkpoint (videos) on held-out layouts and, like the SFT checkpoint's, on the
 #    pool (each pool layout equally often), then a learning curve per variant and `gsrl compare` against SFT.
 # Everything lands in $RESULTS (default /tmp/results); DONE marks the end.
@@ -38,10 +38,10 @@ RL_END=${RL_END:-0}
 POOL=${POOL:-64}              # fixed layouts PPO trains on (task.layout_pool; RLinf: one per env, 64); 0 = new ones
 POOL_EPISODES=${POOL_EPISODES:-$(( POOL > 0 ? (EVAL_EPISODES + POOL - 1) / POOL * POOL : 0 ))}  # each layout as often
 RL_A=${RL_A:-}                # overrides of PPO variant A (GPU 0); empty = the config as committed
-# 2: variant A alone on GPUs 0 and 1 and every core, with RL_CONFIG_2GPU (learner ranks on both GPUs, 16 env servers):
-# on half the host, the ninth session's PPO waited on its env servers; no variant B then.
+# N > 1: variant A alone on GPUs 0..N-1 and every core, with RL_CONFIG_MULTI (${CONFIG}_2gpu: learner ranks on both
+# GPUs, 16 env servers; _4gpu: 4 ranks, 2 policy servers, 32 env servers): on half the host, the ninth session's PPO
+# waited on its env servers. No variant B then. More than the host has: all of its GPUs.
 RL_GPUS=${RL_GPUS:-1}
-RL_CONFIG_2GPU=${RL_CONFIG_2GPU:-${CONFIG}_2gpu}
 # variant B (GPU 1): half the recipe's Flow-SDE noise level. With a = 0.5 the seventh session's SFT succeeded in 23 %
 # of deterministic evaluations but in about 8 % of its noisy training episodes, so PPO learned on a much weaker
 # policy than it was judged by. $R/rl_b_overrides, if written by then, wins. The whole VLA trainable instead
@@ -53,7 +53,9 @@ MID_EVERY=${MID_EVERY:-20}    # also evaluate every MID_EVERY-th update's checkp
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
-RL_CONFIG=$CONFIG; (( RL_GPUS > 1 && NGPU > 1 )) && RL_CONFIG=$RL_CONFIG_2GPU || RL_GPUS=1
+(( RL_GPUS > NGPU )) && RL_GPUS=$NGPU
+RL_CONFIG_MULTI=${RL_CONFIG_MULTI:-${CONFIG}_${RL_GPUS}gpu}
+RL_CONFIG=$CONFIG; (( RL_GPUS > 1 )) && RL_CONFIG=$RL_CONFIG_MULTI || RL_GPUS=1
 NCPU=$(OMP_NUM_THREADS= nproc)  # nproc reports OMP_NUM_THREADS when set, not the cores
 HALF=$((NCPU > 1 ? NCPU / 2 : 1))
 CPUS=(0-$((HALF - 1)) $((HALF % NCPU))-$((NCPU - 1)))  # PPO A's cores, B's cores
@@ -115,9 +117,11 @@ evaluate() {  # evaluate NAME CHECKPOINT GPU CPUS [more options]: gsrl eval of E
 
 ppo() {  # ppo NAME GPUS CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT checkpoint, then its evaluations
   # (the launcher picks free gRPC, Redis and rendezvous ports; metrics ports are fixed, env server i on base + i).
-  # GPUS "0,1": the run sees both; its evaluations then go to the first (held-out) and the last (pool).
+  # GPUS "0,1,...": the run sees them all; its evaluations then go to the first (held-out), the last (pool) and,
+  # round the list, the rest (mid-run checkpoints).
   local name=$1 gpus=$2 cpus=$3 off=$4 start=$SECONDS; shift 4
-  local gpu=${gpus%%,*} pool_gpu=${gpus##*,}
+  local gpu=${gpus%%,*} pool_gpu=${gpus##*,} all k=0
+  IFS=, read -ra all <<< "$gpus"
   CUDA_VISIBLE_DEVICES=$gpus taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $RL_CONFIG \
     --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
@@ -131,7 +135,7 @@ ppo() {  # ppo NAME GPUS CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT
   for ckpt in $(ls -d $R/rl-$name/checkpoints/update_* | sort); do
     local n=$((10#${ckpt##*update_}))
     (( MID_EVERY > 0 && n % MID_EVERY == 0 )) && [ "$ckpt" != "$last" ] || continue
-    local on=$gpu; (( n / MID_EVERY % 2 )) && on=$pool_gpu  # alternate when the run had two GPUs
+    local on=${all[$(( (k += 1) % ${#all[@]} ))]}
     if (( POOL > 0 )); then evaluate_pool rl-$name-u$n $ckpt $on $cpus & else evaluate rl-$name-u$n $ckpt $on $cpus & fi
   done
   wait
@@ -149,21 +153,21 @@ monitor() {  # a progress line per PPO run every 60 s, for the poll calls
   done
 }
 
-# 3-4. SFT evaluation beside PPO: A on GPU 0 / first half of the cores, B on GPU 1 / second half; with RL_GPUS=2,
-# A alone on every GPU and core
+# 3-4. SFT evaluation beside PPO: A on GPU 0 / first half of the cores, B on GPU 1 / second half; with RL_GPUS=N,
+# A alone on N GPUs and every core
 monitor &
 mon=$!
 evaluate sft $R/sft 0 ${CPUS[0]} &
 (( POOL > 0 )) && evaluate_pool sft $R/sft $((NGPU - 1)) ${CPUS[1]} &
 if (( RL_GPUS > 1 )); then
-  log "PPO A overrides '$RL_A' on GPUs 0-$((NGPU - 1)), no B"
+  log "PPO A overrides '$RL_A' on GPUs 0-$((RL_GPUS - 1)), no B"
   ( start=$SECONDS
-    ppo A $(seq -s, 0 $((NGPU - 1))) 0-$((NCPU - 1)) 0 $RL_A
+    ppo A $(seq -s, 0 $((RL_GPUS - 1))) 0-$((NCPU - 1)) 0 $RL_A
     # A device session allows one campaign: if the whole-host run made no checkpoint, spend what is left of its time
     # on the one-GPU config rather than on nothing.
     if ! compgen -G "$R/rl-A/checkpoints/update_*" > /dev/null; then
       RL_SECONDS=$((RL_SECONDS - (SECONDS - start))) RL_CONFIG=$CONFIG
-      log "PPO on $NGPU GPUs made no checkpoint: A1 on GPU 0 with $CONFIG for the ${RL_SECONDS}s left"
+      log "PPO on $RL_GPUS GPUs made no checkpoint: A1 on GPU 0 with $CONFIG for the ${RL_SECONDS}s left"
       (( RL_SECONDS >= 60 )) && ppo A1 0 0-$((NCPU - 1)) 0 $RL_A
     fi ) &
 else

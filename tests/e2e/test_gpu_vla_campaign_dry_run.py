@@ -138,7 +138,7 @@ def test_campaign_dry_run_falls_back_to_one_gpu_when_the_whole_host_run_fails(tm
         tmp_path,
         **WHOLE_HOST_PPO,
         RL_SECONDS="70",
-        RL_CONFIG_2GPU="no_such_config",
+        RL_CONFIG_MULTI="no_such_config",
     )
     assert re.search(r"PPO on 2 GPUs made no checkpoint: A1 on GPU 0 with gs_vla_ppo for the \d+s left", log), log
     assert "world_size: 1" in (results / "rl-A1" / "config.yaml").read_text()

@@ -1,14 +1,16 @@
-"""The whole loop as processes: `gsrl train` with redis, a learner, a policy server and two env servers.
+"""The whole loop as processes: `gsrl train` with redis, a learner, two policy servers and two env servers.
 
 Asserts what the walking skeleton promises: the policy version advances and reaches the policy
 servers, every segment produced is consumed, dropped (and counted) or still in the stream, the
-loss is finite, and the run directory holds the config, TensorBoard logs and a checkpoint.
+loss is finite, and the run directory holds the config, TensorBoard logs and a checkpoint; and that
+the launcher spreads the env servers over its policy servers, each of which serves and takes new weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
         "run.duration_s=600",
         "run.log_every_s=5",
         "env_server.num_servers=2",
+        "policy_server.num_servers=2",
         "env_server.num_envs=2",
         "task.max_episode_steps=12",
         "policy.hidden_sizes=[32, 32]",
@@ -88,3 +91,14 @@ def test_loss_is_finite_and_run_directory_is_complete(finished_run) -> None:
     checkpoints = sorted((run_dir / "checkpoints").glob("update_*"))
     assert checkpoints and (checkpoints[-1] / "model.safetensors").is_file()
     assert json.loads((checkpoints[-1] / "meta.json").read_text())["policy_version"] == MAX_UPDATES
+
+
+def test_env_servers_are_spread_over_the_policy_servers(finished_run) -> None:
+    run_dir, _proc = finished_run
+    logs = {p.stem: p.read_text() for p in (run_dir / "logs").glob("policy-server-*.log")}
+    assert sorted(logs) == ["policy-server-0", "policy-server-1"]
+    for i, (name, text) in enumerate(sorted(logs.items())):
+        served = set(re.findall(r"env server (env-\d+)\S* connected", text))
+        assert served == {f"env-{i}"}, f"{name} served {served}, not env server {i} alone:\n{text[-2000:]}"
+        versions = [int(v) for v in re.findall(r"serving policy version (\d+)", text)]
+        assert versions and max(versions) >= 1, f"{name} never took the learner's weights:\n{text[-2000:]}"

@@ -264,3 +264,51 @@ def test_children_start_with_faulthandler_on(tmp_path: Path) -> None:
 def test_exit_codes_name_the_signal() -> None:
     assert launcher.describe_exit(1) == "code 1"
     assert launcher.describe_exit(-11).startswith("code -11 (SIGSEGV")
+
+
+def test_env_servers_split_evenly_over_the_policy_servers() -> None:
+    ports = [5001, 5002, 5003]
+    addresses = [launcher.policy_address_for(ports, i) for i in range(7)]
+    assert addresses[:3] == ["127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5003"]
+    assert [addresses.count(f"127.0.0.1:{p}") for p in ports] == [3, 2, 2]
+    config = load_config(None, ["policy_server.num_servers=3", "policy_server.port=6000"])
+    got = launcher.policy_ports(config)
+    assert got[0] == 6000 and len(set(got)) == 3, got
+
+
+def test_plan_for_a_run_places_each_of_its_policy_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    config = load_config(
+        None,
+        [
+            "policy_server.device=cuda",
+            "policy_server.num_servers=2",
+            "learner.world_size=4",
+            "redis.max_stream_len=1024",
+            "placement.preset=shared",
+            "placement.learner_gpus=[0, 1, 2, 3]",
+            "placement.policy_gpus=[1, 3]",
+        ],
+    )
+    p, names = launcher.gpu_plan(config, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert sorted(own(p, POLICY_SERVER)) == [1, 3], "one policy server on each GPU of placement.policy_gpus"
+    visible = [launcher.with_gpus({}, p, names, POLICY_SERVER, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)]
+    assert [v.split(",")[0] for v in visible] == [str(g) for g in own(p, POLICY_SERVER)], visible
+
+
+@pytest.mark.parametrize(("preset", "gpus"), [("gs_vla_ppo_2gpu", 2), ("gs_vla_ppo_4gpu", 4)])
+def test_whole_host_vla_presets_place_every_process(monkeypatch: pytest.MonkeyPatch, preset: str, gpus: int) -> None:
+    """The campaign's RL_GPUS presets on their hosts (GPU count faked: no GPU here): a learner rank per GPU, env
+    servers spread evenly over all of them, and no policy server on rank 0's GPU, where NCCL (the preset's weight
+    broadcast) would refuse a second member of its group."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    config = load_config(Path(__file__).parents[2] / "configs" / f"{preset}.yaml")
+    p, _names = launcher.gpu_plan(config, {})
+    assert own(p, LEARNER) == list(range(gpus))
+    assert len(p.processes[POLICY_SERVER]) == config.policy_server.num_servers
+    assert not p.policy_on_broadcast_root_gpu() and config.learner.broadcast_backend == "nccl"
+    env_gpus = own(p, ENV_SERVER)
+    assert len(env_gpus) == config.env_server.num_servers
+    assert {g: env_gpus.count(g) for g in set(env_gpus)} == dict.fromkeys(range(gpus), len(env_gpus) // gpus)
+    samples = config.learner.world_size * config.learner.segments_per_update * config.policy_server.segment_length
+    assert samples == 1024, "each preset's update is the one-GPU preset's 1,024 chunk samples"
