@@ -440,6 +440,11 @@ class AlgoConfig:
     target_kl: float = 0.0
     # Segments whose policy_version is more than this many versions behind the learner are dropped.
     max_policy_lag: int = 2
+    # The first N updates train the critic alone (verl's critic_warmup): the actor's param group steps at lr 0 and the
+    # loss is the value loss only, so PPO's first policy steps use advantages from a critic fitted to this task's
+    # returns. Needs algo.critic_lr (the actor and critic groups). On 4 H100s the VLA's first ~40 updates, with the
+    # value head explaining 30 % of the returns, took training success from about 35 % down to 15 % (tenth session).
+    critic_warmup_updates: int = 0
 
     def validate(self, key: str) -> None:
         _require(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]")
@@ -455,6 +460,12 @@ class AlgoConfig:
         _require(self.micro_batch_size >= 0, f"{key}.micro_batch_size", "must be >= 0 (0 = the whole minibatch)")
         _require(self.target_kl >= 0, f"{key}.target_kl", "must be >= 0")
         _require(self.max_policy_lag >= 0, f"{key}.max_policy_lag", "must be >= 0")
+        _require(self.critic_warmup_updates >= 0, f"{key}.critic_warmup_updates", "must be >= 0 (0 = none)")
+        _require(
+            self.critic_warmup_updates == 0 or self.critic_lr is not None,
+            f"{key}.critic_warmup_updates",
+            "needs algo.critic_lr: the warm-up steps the critic's param group alone",
+        )
 
 
 @dataclass(frozen=True)
@@ -483,6 +494,10 @@ class LearnerConfig:
     # Weight broadcast to policy servers: auto = nccl when the learner is on CUDA, else gloo. Use gloo
     # when a policy server shares the learner's GPU (NCCL cannot put two ranks on one device).
     broadcast_backend: str = "auto"
+    # The Redis snapshot of the weights (what a policy server that starts later loads first) at most this often;
+    # 0 = at every publish. Each is the whole model, in Redis and its append-only file: a 0.9 GB VLA published every
+    # 3.5 s filled a 235 GB disk in 11 minutes. The last version is snapshotted when the learner stops.
+    snapshot_interval_s: float = 30.0
     # How long a rank waits for a full batch before logging that it is starved.
     read_block_ms: int = 2000
     # Take over stream entries pending at another consumer (a rank that died and did not come back) after
@@ -501,6 +516,7 @@ class LearnerConfig:
         _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _require(0 <= self.metrics_port <= 65535, f"{key}.metrics_port", "must be a TCP port or 0")
         _require(self.broadcast_timeout_s > 0, f"{key}.broadcast_timeout_s", "must be > 0")
+        _require(self.snapshot_interval_s >= 0, f"{key}.snapshot_interval_s", "must be >= 0 (0 = every publish)")
         _require(self.claim_idle_s >= 0, f"{key}.claim_idle_s", "must be >= 0 (0 = never)")
 
 

@@ -83,7 +83,11 @@ class WeightPublisher:
     picks the address gloo itself binds (None: gloo's default, i.e. ``GLOO_SOCKET_IFNAME`` or this host's name).
     ``device`` is where the learner's weights live: NCCL sends from it (it must be cuda), gloo through CPU buffers.
     ``subscriber_ttl_s`` must be a few of the subscribers' ``heartbeat_s``. ``snapshot_every=k`` writes the Redis
-    snapshot on publishes 1, k+1, 2k+1, ... (0: never), since for a large model it costs a full CPU copy.
+    snapshot on publishes 1, k+1, 2k+1, ... (0: never), since for a large model it costs a full CPU copy; and
+    ``snapshot_interval_s`` skips any of those that come sooner than that after the last snapshot. Each snapshot is
+    the whole model in Redis, and in its append-only file until a rewrite: on 4 H100s a 0.9 GB VLA published every
+    3.5 s filled a 235 GB disk in 11 minutes (docs/benchmarks.md, tenth session). ``snapshot_latest`` writes the
+    newest version at the end when the interval skipped it.
 
     The bucket buffers persist between publishes (on the wire device: the GPU for NCCL), so a publish copies the
     weights into memory that is already mapped, and a bucket that is one contiguous tensor on the wire device goes
@@ -111,6 +115,7 @@ class WeightPublisher:
         timeout_s: float = 60.0,
         subscriber_ttl_s: float = 10.0,
         snapshot_every: int = 1,
+        snapshot_interval_s: float = 0.0,
         gloo_hostname: str | None = None,
         snapshot_background: bool = True,
         piece_bytes: int | None = None,
@@ -128,6 +133,9 @@ class WeightPublisher:
         self._timeout_s = float(timeout_s)
         self._ttl_s = float(subscriber_ttl_s)
         self._snapshot_every = int(snapshot_every)  # 0 = never
+        self._snapshot_interval_s = float(snapshot_interval_s)
+        self._last_snapshot_at: float | None = None  # time.monotonic() of the last snapshot taken
+        self._snapshot_version: int | None = None  # the version it holds
         self._gloo_hostname = gloo_hostname
         self._group: _Group | None = None
         self._excluded: dict[str, float] = {}  # id -> Redis time until which it is left out (failed to join)
@@ -198,6 +206,8 @@ class WeightPublisher:
         buckets = self._buckets
         self._publishes += 1
         snapshot_due = bool(self._snapshot_every) and (self._publishes - 1) % self._snapshot_every == 0
+        if snapshot_due and self._last_snapshot_at is not None:
+            snapshot_due = time.monotonic() - self._last_snapshot_at >= self._snapshot_interval_s
         # The snapshot reads the buffers after this returns (or right below), so then every bucket is copied.
         buffers = self._pool.acquire(buckets, self._wire) if snapshot_due else None
         filled = [False] * len(buckets)
@@ -226,6 +236,7 @@ class WeightPublisher:
         try:
             write_version(self._redis, self._key_prefix, version)
             if buffers is not None:
+                self._last_snapshot_at, self._snapshot_version = time.monotonic(), version
                 snapshot_bytes = self._snapshot(state_dict, version, buffers, filled)
         except redis.RedisError as exc:
             error = error or f"snapshot failed: {exc}"
@@ -243,6 +254,24 @@ class WeightPublisher:
             snapshot_bytes=snapshot_bytes,
             error=error,
         )
+
+    def snapshot_latest(self, state_dict: Mapping[str, torch.Tensor], version: int) -> int:
+        """Snapshot ``version``, the last published, if the interval skipped it; returns the bytes queued (0: none).
+
+        For a learner that stops: ``state_dict`` must still be the weights it published as ``version``. ``close``
+        then waits for the write, so the policy servers that start next get the newest weights.
+        """
+        if (
+            self._closed
+            or not self._snapshot_every
+            or version != self._last_version
+            or version == self._snapshot_version
+            or self._layout is None
+        ):
+            return 0
+        buffers = self._pool.acquire(self._buckets, self._wire)
+        self._last_snapshot_at, self._snapshot_version = time.monotonic(), version
+        return self._snapshot(state_dict, version, buffers, [False] * len(self._buckets))
 
     @property
     def last_snapshot(self) -> SnapshotResult | None:

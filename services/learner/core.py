@@ -8,7 +8,8 @@ one cross-rank operation the update needs (summing a small tensor) is injected a
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,8 @@ class AlgoSettings(Protocol):
 
 
 class OptimizerEngine(Protocol):
+    optimizer: torch.optim.Optimizer  # its param groups: a critic warm-up sets the "actor" group's lr to 0
+
     def backward(self, loss: Tensor, last: bool = True) -> None:
         """Accumulate ``loss``'s gradient. ``last=False`` marks a micro-batch with more of its minibatch to come:
         a data-parallel engine then defers the gradient reduction to the minibatch's last backward."""
@@ -59,15 +62,20 @@ class TorchEngine:
 
     def __init__(
         self,
-        parameters: Iterable[nn.Parameter],
+        parameters: Iterable[nn.Parameter] | Iterable[dict],
         lr: float,
         max_grad_norm: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-5,
         weight_decay: float = 0.0,
     ) -> None:
-        self.parameters = [p for p in parameters if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        """``parameters``: the parameters, or param groups as torch optimizers take them (e.g. named "actor" and
+        "critic", each with its own lr, as ``services.learner.engine.param_groups`` makes)."""
+        items = list(parameters)
+        groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+        groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
 
     def backward(self, loss: Tensor, last: bool = True) -> None:
@@ -149,6 +157,25 @@ def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutB
     )
 
 
+@contextmanager
+def _actor_held_still(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The param groups named "actor" (``services.learner.engine.param_groups``) at lr 0 inside, restored after.
+
+    With weight decay 0 (the learner's) and lr 0, AdamW leaves those parameters exactly as they were.
+    """
+    groups = [group for group in optimizer.param_groups if group.get("name") == "actor"]
+    if not groups:
+        raise ValueError("a critic warm-up needs separate actor and critic param groups: set algo.critic_lr")
+    saved = [group["lr"] for group in groups]
+    for group in groups:
+        group["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for group, lr in zip(groups, saved, strict=True):
+            group["lr"] = lr
+
+
 class PPOLearnerCore:
     """Runs ``update_epochs`` x ``num_minibatches`` PPO steps on each batch of segments.
 
@@ -181,8 +208,19 @@ class PPOLearnerCore:
         total = self.all_reduce_sum(torch.tensor([value, 1.0], dtype=torch.float64, device=self._device()))
         return float(total[0] / total[1])
 
-    def update(self, segments: list[Segment]) -> dict[str, float]:
-        """One PPO update on ``segments``; returns metrics averaged over the minibatch steps taken."""
+    def update(self, segments: list[Segment], critic_only: bool = False) -> dict[str, float]:
+        """One PPO update on ``segments``; returns metrics averaged over the minibatch steps taken.
+
+        ``critic_only`` (a critic warm-up update): the loss is the value loss alone and the optimizer's "actor"
+        param group steps at lr 0, so the policy the rollouts came from is unchanged (ratio 1, KL 0) while the
+        critic fits the returns. ValueError when the optimizer has no "actor" group to hold still.
+        """
+        if not critic_only:
+            return self._update(segments, critic_only=False)
+        with _actor_held_still(self.engine.optimizer):
+            return self._update(segments, critic_only=True)
+
+    def _update(self, segments: list[Segment], critic_only: bool) -> dict[str, float]:
         algo = self.algo
         batch = build_rollout_batch(segments, algo)
         if batch.size < algo.num_minibatches:
@@ -201,7 +239,7 @@ class PPOLearnerCore:
         for _ in range(algo.update_epochs):
             perm = torch.randperm(batch.size, generator=self.generator)
             for idx in torch.tensor_split(perm, algo.num_minibatches):
-                metrics = self._minibatch_step(batch, advantages, idx, device)
+                metrics = self._minibatch_step(batch, advantages, idx, device, critic_only)
                 for key, value in metrics.items():
                     sums[key] += value
                 steps += 1
@@ -222,12 +260,13 @@ class PPOLearnerCore:
                 "actor/num_samples": float(batch.size),
                 "actor/num_minibatch_steps": float(steps),
                 "actor/early_stopped": float(stop),
+                "actor/critic_only": float(critic_only),
             }
         )
         return out
 
     def _minibatch_step(
-        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device
+        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device, critic_only: bool = False
     ) -> dict[str, float]:
         """One optimizer step on the samples ``idx``, in micro-batches of ``algo.micro_batch_size`` when set.
 
@@ -239,7 +278,7 @@ class PPOLearnerCore:
         totals: Tensor | None = None
         for number, part in enumerate(parts):
             share = len(part) / len(idx)
-            loss, scalars = self._micro_batch_loss(batch, advantages, part, device)
+            loss, scalars = self._micro_batch_loss(batch, advantages, part, device, critic_only)
             self.engine.backward(loss * share, last=number == len(parts) - 1)
             totals = scalars * share if totals is None else totals + scalars * share
         grad_norm = self.engine.step()
@@ -249,9 +288,11 @@ class PPOLearnerCore:
         return {**dict(zip(names, totals.tolist(), strict=True)), "actor/grad_norm": float(grad_norm)}
 
     def _micro_batch_loss(
-        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device
+        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device, critic_only: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """The PPO loss on the samples ``idx`` (means over them), and its seven metrics stacked, detached."""
+        """The PPO loss on the samples ``idx`` (means over them), and its seven metrics stacked, detached.
+
+        ``critic_only``: the value term alone (the policy and entropy terms are still measured)."""
         algo = self.algo
         observations = {key: value[idx].to(device, non_blocking=True) for key, value in batch.observations.items()}
         instructions = [batch.instructions[i] for i in idx.tolist()] if batch.instructions is not None else None
@@ -267,7 +308,9 @@ class PPOLearnerCore:
             values, batch.old_values[idx].to(device), batch.returns[idx].to(device), algo.value_clip
         )
         entropy_mean = entropy_bonus(entropy)
-        loss = policy_loss + algo.value_coef * value_loss - algo.entropy_coef * entropy_mean
+        loss = algo.value_coef * value_loss
+        if not critic_only:
+            loss = policy_loss + loss - algo.entropy_coef * entropy_mean
         scalars = torch.stack(
             [
                 loss.detach().float(),

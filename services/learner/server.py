@@ -109,6 +109,7 @@ class Learner:
                 else ("nccl" if self.device.type == "cuda" else "gloo"),
                 device=self.device,
                 timeout_s=lc.broadcast_timeout_s,
+                snapshot_interval_s=lc.snapshot_interval_s,
             )
 
     # ---------------------------------------------------------------- main loop
@@ -132,7 +133,7 @@ class Learner:
             self.newest_segment_version = max(
                 [self.newest_segment_version, *(int(s.policy_versions.max()) for s in segments)]
             )
-            stats = self.core.update(segments)
+            stats = self.core.update(segments, critic_only=self.updates < cfg.algo.critic_warmup_updates)
             self.updates += 1
             self.version += 1
             self.consumer.acknowledge([e.entry_id for e in entries])
@@ -282,6 +283,10 @@ class Learner:
     def close(self) -> None:
         self.scalars.close()
         if self.publisher is not None:
+            try:  # the newest weights for policy servers that start later, if the interval skipped them
+                self.publisher.snapshot_latest(self._serving_state_dict(), self.version)
+            except (redis.RedisError, RuntimeError) as exc:
+                log.warning("rank %d: last weight snapshot not written: %s", self.rank, exc)
             self.publisher.close()
         self.client.close()
 

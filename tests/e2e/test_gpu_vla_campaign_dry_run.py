@@ -84,9 +84,12 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert mid["checkpoint"].endswith("update_000010/model.safetensors") and mid["layouts"] == "pool"
     assert re.search(r"curve A rc=0 marks SFT u10 (u\d+ )*RL ", log), log
     assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
-    for name in ("A", "B"):  # each PPO checkpoint against SFT, episode by episode, on both protocols
-        assert re.search(rf"compare SFT -> {name} held-out: \d+ paired episodes: .* difference [+-]\d", log), log
-        assert re.search(rf"compare SFT -> {name} pool: \d+ paired episodes: .* difference [+-]\d", log), log
+    for name in ("A", "B"):  # each PPO checkpoint against SFT, episode by episode, on all three protocols
+        for protocol in ("held-out", "pool", "stochastic"):
+            assert re.search(rf"compare SFT -> {name} {protocol}: \d+ paired episodes: .* difference [+-]\d", log), log
+    for name in ("sft", "rl-A", "rl-B"):  # sampled actions, on the held-out layouts
+        report = json.loads((results / f"eval-{name}-stochastic.json").read_text())
+        assert report["deterministic"] is False and report["layouts"] == "held-out", report
     config_b = (results / "rl-B" / "config.yaml").read_text()
     assert "train_expert_only: false" in config_b and "micro_batch_size: 128" in config_b
     config_a = (results / "rl-A" / "config.yaml").read_text()

@@ -162,6 +162,47 @@ def _critic_lr_worker(kind: str, zero_stage: int) -> dict[str, object]:
         dist.destroy_process_group()
 
 
+def _critic_warmup_worker(zero_stage: int, bf16: bool) -> dict[str, object]:
+    """Runs inside the subprocess: a critic warm-up update, then a PPO update, through DeepSpeed with critic_lr."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from _segments import one_step_segment
+
+    from gsrl.config import AlgoConfig
+    from gsrl.policy import build_policy
+    from services.learner.core import PPOLearnerCore
+    from services.learner.engine import DeepSpeedEngine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        torch.manual_seed(0)
+        spec = {"state": ((4,), "float32")}
+        policy = build_policy("gaussian_mlp", spec, action_dim=2, action_chunk=3, hidden_sizes=(32, 32))
+        algo = AlgoConfig(update_epochs=2, num_minibatches=2, lr=1e-3, critic_lr=1e-3, critic_warmup_updates=1)
+        engine = DeepSpeedEngine(policy, algo, zero_stage=zero_stage, bf16=bf16)
+        core = PPOLearnerCore(policy, engine, algo, all_reduce_sum=_all_reduce_sum)
+        segment = one_step_segment(policy, {"state": torch.randn(16, 4)})
+
+        def changed_since(before: dict[str, torch.Tensor]) -> list[str]:
+            return sorted(n for n, p in policy.named_parameters() if not torch.equal(p.detach().float(), before[n]))
+
+        before = {name: p.detach().float().clone() for name, p in policy.named_parameters()}
+        warm = core.update([segment], critic_only=True)
+        after_warmup = changed_since(before)
+        lrs = [g["lr"] for g in engine.optimizer.param_groups]
+        core.update([segment])
+        return {
+            "after_warmup": after_warmup,
+            "after_ppo": changed_since(before),
+            "critic_names": sorted(n for n, _ in policy.named_parameters() if n.startswith("critic.")),
+            "lrs_after_warmup": lrs,
+            "warmup_kl": warm["actor/approx_kl"],
+        }
+    finally:
+        dist.destroy_process_group()
+
+
 def _micro_batch_worker(zero_stage: int) -> dict[str, object]:
     """Runs on each of 2 gloo ranks: the same PPO update twice from the same weights, once in one pass per minibatch
     and once in micro-batches of 5 (a remainder of 1); returns the largest weight difference between the two and
@@ -347,8 +388,20 @@ def test_critic_lr_gives_the_value_head_its_own_param_group(kind: str, zero_stag
         assert len(result["errors"]) == 2 and all("algo.critic_lr" in e for e in result["errors"]), result["errors"]
 
 
+@pytest.mark.parametrize(("zero_stage", "bf16"), [(1, False), (2, True)])
+def test_a_critic_warmup_update_moves_only_the_critic_through_deepspeed(zero_stage: int, bf16: bool) -> None:
+    """The actor group's lr goes to 0 on DeepSpeed's optimizer too (ZeRO wraps the client optimizer's groups)."""
+    result = _run_worker(["warmup", str(zero_stage), str(int(bf16))])
+    assert result["after_warmup"] and set(result["after_warmup"]) <= set(result["critic_names"]), result
+    assert result["lrs_after_warmup"] == [pytest.approx(1e-3), pytest.approx(1e-3)], "the actor's lr is restored"
+    assert abs(result["warmup_kl"]) < 1e-3
+    assert set(result["after_ppo"]) - set(result["critic_names"]), "the PPO update after it moves the actor"
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "critic_lr":
+    if sys.argv[1] == "warmup":
+        result = _critic_warmup_worker(int(sys.argv[2]), bool(int(sys.argv[3])))
+    elif sys.argv[1] == "critic_lr":
         result = _critic_lr_worker(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "micro":
         result = _micro_batch_worker(int(sys.argv[2]))

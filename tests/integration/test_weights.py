@@ -282,3 +282,34 @@ def test_background_snapshots_never_overlap_and_the_latest_wins(redis_client, pr
     loaded, version = read_snapshot(redis_client, prefix)
     assert version == 3 and all(torch.equal(loaded[k], v) for k, v in make_state(3).items())
     assert redis_client.exists(f"{prefix}:weights:snapshot:2:0") == 0  # v2 was never written
+
+
+def test_snapshot_interval_skips_snapshots_until_it_passes_and_the_last_version_is_snapshotted_at_the_end(
+    make_publisher, redis_client, prefix
+) -> None:
+    """``snapshot_interval_s``: a VLA published every few seconds must not put the whole model into Redis (and its
+    append-only file) every time; the version key stays current, and ``snapshot_latest`` leaves the newest
+    weights for policy servers that start later."""
+    publisher = make_publisher(snapshot_interval_s=0.5)
+    assert publish(publisher, 1).snapshot_bytes > 0  # the first publish always snapshots
+    skipped = publish(publisher, 2)
+    assert skipped.snapshot_bytes == 0 and skipped.error is None
+    assert int(redis_client.get(f"{prefix}:weights:version")) == 2
+    assert publisher.flush_snapshot(5.0)
+    assert read_snapshot(redis_client, prefix)[1] == 1
+    time.sleep(0.6)
+    assert publish(publisher, 3).snapshot_bytes > 0  # the interval has passed
+    assert publish(publisher, 4).snapshot_bytes == 0
+    assert publisher.snapshot_latest(make_state(3), 3) == 0, "not the last published version"
+    assert publisher.snapshot_latest(make_state(4), 4) > 0
+    assert publisher.snapshot_latest(make_state(4), 4) == 0, "already snapshotted"
+    assert publisher.flush_snapshot(5.0)
+    loaded, version = read_snapshot(redis_client, prefix)
+    assert version == 4 and all(torch.equal(loaded[k], v) for k, v in make_state(4).items())
+
+
+def test_without_an_interval_every_publish_snapshots(make_publisher, redis_client, prefix) -> None:
+    publisher = make_publisher()
+    assert all(publish(publisher, v).snapshot_bytes > 0 for v in (1, 2, 3))
+    assert publisher.snapshot_latest(make_state(3), 3) == 0
+    assert publisher.flush_snapshot(5.0) and read_snapshot(redis_client, prefix)[1] == 3

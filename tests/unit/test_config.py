@@ -132,3 +132,10 @@ def test_layout_pool_is_a_fixed_function_of_its_size_and_seed() -> None:
     assert load_config(None, ["task.layout_pool=8"]).task.layout_seeds() == pool[:8]  # a smaller pool is a prefix
     other = load_config(None, ["task.layout_pool=64", "task.layout_pool_seed=1"]).task.layout_seeds()
     assert other is not None and not set(other) & set(pool)
+
+
+def test_a_critic_warmup_needs_a_critic_lr() -> None:
+    with pytest.raises(ConfigError, match="critic_lr") as err:
+        load_config(None, ["algo.critic_warmup_updates=5"])
+    assert err.value.key == "algo.critic_warmup_updates"
+    assert load_config(None, ["algo.critic_warmup_updates=5", "algo.critic_lr=1e-3"]).algo.critic_warmup_updates == 5

@@ -189,3 +189,41 @@ def test_micro_batches_give_the_whole_minibatchs_update(micro_batch_size: int) -
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for name in ("actor/loss", "actor/approx_kl", "actor/value_loss", "actor/entropy", "actor/grad_norm"):
         assert micro_metrics[name] == pytest.approx(whole_metrics[name], rel=1e-4, abs=1e-6), name
+
+
+def _actor_critic_engine(policy: Policy, lr: float = 1e-2, critic_lr: float = 1e-2) -> TorchEngine:
+    critic = {id(p) for p in policy.critic_parameters()}
+    actor = [p for p in policy.parameters() if id(p) not in critic]
+    groups = [
+        {"name": "actor", "params": actor, "lr": lr},
+        {"name": "critic", "params": policy.critic_parameters(), "lr": critic_lr},
+    ]
+    return TorchEngine(groups, lr=lr, max_grad_norm=1.0)
+
+
+def test_a_critic_warmup_update_fits_the_critic_and_leaves_the_actor_exactly_as_it_was() -> None:
+    policy = _policy()
+    engine = _actor_critic_engine(policy)
+    core = PPOLearnerCore(policy, engine, AlgoConfig(), generator=torch.Generator().manual_seed(0))
+    segments = _random_segments(policy, torch.Generator().manual_seed(4))
+    critic = {id(p) for p in policy.critic_parameters()}
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    warm = core.update(segments, critic_only=True)
+    assert warm["actor/critic_only"] == 1.0
+    assert warm["actor/approx_kl"] == pytest.approx(0.0, abs=1e-6), "the policy never moved: ratio 1 throughout"
+    moved = {name for name, p in policy.named_parameters() if not torch.equal(before[name], p)}
+    critic_names = {name for name, p in policy.named_parameters() if id(p) in critic}
+    assert moved and moved <= critic_names, f"only the critic may move, moved: {sorted(moved - critic_names)}"
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [1e-2, 1e-2], "the actor's lr is restored"
+    value_loss_after = core.update(segments, critic_only=True)["actor/value_loss"]
+    assert value_loss_after < warm["actor/value_loss"], "the critic fits the returns"
+    normal = core.update(segments)
+    assert normal["actor/critic_only"] == 0.0
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters() if n not in critic_names)
+
+
+def test_a_critic_warmup_without_an_actor_group_is_refused() -> None:
+    policy = _policy()
+    core = PPOLearnerCore(policy, TorchEngine(policy.parameters(), lr=1e-3, max_grad_norm=1.0), AlgoConfig())
+    with pytest.raises(ValueError, match="algo.critic_lr"):
+        core.update(_random_segments(policy, torch.Generator().manual_seed(5)), critic_only=True)
