@@ -85,9 +85,9 @@ class WeightPublisher:
     ``subscriber_ttl_s`` must be a few of the subscribers' ``heartbeat_s``. ``snapshot_every=k`` writes the Redis
     snapshot on publishes 1, k+1, 2k+1, ... (0: never), since for a large model it costs a full CPU copy; and
     ``snapshot_interval_s`` skips any of those that come sooner than that after the last snapshot. Each snapshot is
-    the whole model in Redis, and in its append-only file until a rewrite: on 4 H100s a 0.9 GB VLA published every
-    3.5 s filled a 235 GB disk in 11 minutes (docs/benchmarks.md, tenth session). ``snapshot_latest`` writes the
-    newest version at the end when the interval skipped it.
+    the whole model in Redis, and in its append-only file until a rewrite: on 4 H100s a 0.9 GB VLA snapshotted at each
+    publish, every 3.3 s, helped fill a 235 GB disk in 11 minutes (docs/benchmarks.md, tenth session).
+    ``snapshot_latest`` writes the newest version at the end when the interval skipped it.
 
     The bucket buffers persist between publishes (on the wire device: the GPU for NCCL), so a publish copies the
     weights into memory that is already mapped, and a bucket that is one contiguous tensor on the wire device goes
