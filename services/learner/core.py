@@ -212,8 +212,9 @@ class PPOLearnerCore:
         """One PPO update on ``segments``; returns metrics averaged over the minibatch steps taken.
 
         ``critic_only`` (a critic warm-up update): the loss is the value loss alone and the optimizer's "actor"
-        param group steps at lr 0, so the policy the rollouts came from is unchanged (ratio 1, KL 0) while the
-        critic fits the returns. ValueError when the optimizer has no "actor" group to hold still.
+        param group steps at lr 0, so the actor's parameters stay as the rollouts' policy had them while the critic
+        fits the returns (an observation normalizer still takes in the batch, as in every update). ValueError when
+        the optimizer has no "actor" group to hold still.
         """
         if not critic_only:
             return self._update(segments, critic_only=False)

@@ -2,8 +2,9 @@
 
 Asserts what the walking skeleton promises: the policy version advances and reaches the policy
 servers, every segment produced is consumed, dropped (and counted) or still in the stream, the
-loss is finite, and the run directory holds the config, TensorBoard logs and a checkpoint; and that
-the launcher spreads the env servers over its policy servers, each of which serves and takes new weights.
+loss is finite, and the run directory holds the config, TensorBoard logs and a checkpoint; that
+the launcher spreads the env servers over its policy servers, each of which serves and takes new weights;
+and that the first update is a critic warm-up (``algo.critic_warmup_updates=1``), the others PPO updates.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from gsrl.curves import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_UPDATES = 4
@@ -40,6 +43,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
         "algo.update_epochs=2",
         "algo.num_minibatches=2",
         "algo.max_policy_lag=1",
+        "algo.critic_lr=1e-3",
+        "algo.critic_warmup_updates=1",
         "learner.checkpoint_every=2",
         "learner.metrics_port=0",
         "env_server.metrics_port=0",
@@ -102,3 +107,10 @@ def test_env_servers_are_spread_over_the_policy_servers(finished_run) -> None:
         assert served == {f"env-{i}"}, f"{name} served {served}, not env server {i} alone:\n{text[-2000:]}"
         versions = [int(v) for v in re.findall(r"serving policy version (\d+)", text)]
         assert versions and max(versions) >= 1, f"{name} never took the learner's weights:\n{text[-2000:]}"
+
+
+def test_the_first_update_warms_up_the_critic_alone(finished_run) -> None:
+    run_dir, _proc = finished_run
+    # (whether the actor stays still is checked where no observation normalizer moves: tests/unit/test_learner_core.py)
+    series = read_scalars(run_dir, ["actor/critic_only"])
+    assert list(series["actor/critic_only"].values) == [1.0] + [0.0] * (MAX_UPDATES - 1)
