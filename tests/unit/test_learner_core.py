@@ -192,13 +192,10 @@ def test_micro_batches_give_the_whole_minibatchs_update(micro_batch_size: int) -
 
 
 def _actor_critic_engine(policy: Policy, lr: float = 1e-2, critic_lr: float = 1e-2) -> TorchEngine:
-    critic = {id(p) for p in policy.critic_parameters()}
-    actor = [p for p in policy.parameters() if id(p) not in critic]
-    groups = [
-        {"name": "actor", "params": actor, "lr": lr},
-        {"name": "critic", "params": policy.critic_parameters(), "lr": critic_lr},
-    ]
-    return TorchEngine(groups, lr=lr, max_grad_norm=1.0)
+    """The learner's "actor" and "critic" param groups (``param_groups``, as DeepSpeedEngine builds them)."""
+    from services.learner.engine import param_groups  # imports deepspeed: only where a test needs it
+
+    return TorchEngine(param_groups(policy, AlgoConfig(lr=lr, critic_lr=critic_lr)), lr=lr, max_grad_norm=1.0)
 
 
 def test_a_critic_warmup_update_fits_the_critic_and_leaves_the_actor_exactly_as_it_was() -> None:
