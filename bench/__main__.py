@@ -28,6 +28,7 @@ STAGES = (
     "codec",
     "weights",
     "env_scaling",
+    "dataset_decode",
 )
 TITLES = {
     "env_server": "env server",
@@ -40,6 +41,7 @@ TITLES = {
     "codec": "tensor codec",
     "weights": "weight broadcast",
     "env_scaling": "env scaling",
+    "dataset_decode": "dataset decode",
 }
 
 

@@ -69,6 +69,7 @@ class Sizes:
     vla_envs: tuple[int, ...]  # Rollout batch sizes of those rows
     vla_act_calls: int
     vla_rollout_steps: int
+    decode_episodes: int  # 224x224 episode videos the dataset-decode row decodes per timed pass
 
 
 # The smallest whole loop that still runs every role (as tests/_tiny_run.py, which the bench cannot import).
@@ -104,6 +105,7 @@ SIZES = {
         vla_envs=(4,),
         vla_act_calls=5,
         vla_rollout_steps=3,
+        decode_episodes=4,
     ),
     "default": Sizes(
         name="default",
@@ -126,6 +128,7 @@ SIZES = {
         vla_envs=(16,),
         vla_act_calls=20,
         vla_rollout_steps=10,
+        decode_episodes=32,
     ),
     "full": Sizes(
         name="full",
@@ -150,6 +153,7 @@ SIZES = {
         vla_envs=(16, 64),
         vla_act_calls=20,
         vla_rollout_steps=8,
+        decode_episodes=256,
     ),
 }
 

@@ -13,7 +13,7 @@ The layout is LeRobot's (``codebase_version`` "v2.1"), the one the reference's S
     videos/chunk-000/observation.images.<camera>/episode_000000.mp4   H.264 yuv420p
 
 Written without the ``lerobot`` package (which pins a transformers version this project cannot take): only
-pyarrow and imageio-ffmpeg. gsrl's observation keys map onto LeRobot's feature names as ``state`` <->
+pyarrow, imageio-ffmpeg and OpenCV. gsrl's observation keys map onto LeRobot's feature names as ``state`` <->
 ``observation.state`` and ``rgb/<camera>`` <-> ``observation.images.<camera>``.
 """
 
@@ -258,14 +258,50 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def decode_video(path: str | Path, height: int, width: int) -> np.ndarray:
-    """All frames of an mp4 as uint8 [T, height, width, 3] (cropping the writer's even-size padding)."""
+    """All frames of an mp4 as uint8 [T, height, width, 3] (cropping the writer's even-size padding).
+
+    Decoded in-process by OpenCV's FFmpeg, one decoder thread per video: SFT decodes thousands of episodes at
+    once, a thread pool over videos, and imageio's way (an ffmpeg subprocess per video, each frame copied out of a
+    pipe under the GIL) reached 24 episodes/s on 32 cores of the GPU host. ``make bench`` ("dataset decode") has
+    both. The pixels are the same; a video OpenCV cannot open (a build without FFmpeg) goes through imageio.
+    """
+    frames = _decode_video_opencv(path)
+    if frames is None:
+        frames = decode_video_imageio(path)
+    return frames[:, :height, :width, :3]
+
+
+def _decode_video_opencv(path: str | Path) -> np.ndarray | None:
+    """Frames as uint8 RGB [T, H, W, 3], or None where OpenCV cannot open the file or reads no frame from it."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    try:
+        if not capture.isOpened():
+            return None
+        frames = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    return np.stack(frames) if frames else None
+
+
+def decode_video_imageio(path: str | Path) -> np.ndarray:
+    """Frames as uint8 RGB [T, H, W, 3] through imageio-ffmpeg (a subprocess): the fallback, and the bench's
+    baseline."""
     import imageio.v2 as imageio
 
     reader = imageio.get_reader(str(path), format="FFMPEG")
     try:
-        frames = [np.asarray(frame)[:height, :width, :3] for frame in reader]
+        frames = [np.asarray(frame)[..., :3] for frame in reader]
     finally:
         reader.close()
+    if not frames:
+        raise ValueError(f"{path} holds no video frames")
     return np.stack(frames)
 
 
@@ -340,9 +376,9 @@ class LeRobotDataset:
         """Decode every episode (or those of ``episodes``) not yet cached, ``workers`` at a time; returns how many
         were decoded.
 
-        Each video decode is an ffmpeg subprocess (about 0.1 s for a 50-frame episode), so a first epoch that
-        decodes on demand spends minutes of a GPU's time on it for a few hundred episodes; threads overlap the
-        subprocesses. Needs a cache that holds them all (``max_cached_episodes`` None or >= the number asked for).
+        A first epoch that decodes on demand would keep a GPU waiting on one video at a time; threads decode
+        several at once (OpenCV releases the GIL while it decodes). Needs a cache that holds them all
+        (``max_cached_episodes`` None or >= the number asked for).
         """
         wanted = list(range(self.num_episodes)) if episodes is None else list(episodes)
         if self.max_cached_episodes is not None and self.max_cached_episodes < len(wanted):

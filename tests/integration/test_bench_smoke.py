@@ -24,6 +24,7 @@ ROWS = {
     "tensor codec": 2,
     "weight broadcast": 3,  # delivery, publish() wall time, the background snapshot
     "env scaling": 2,  # 1 and 2 processes in smoke mode
+    "dataset decode": 1,
 }
 
 

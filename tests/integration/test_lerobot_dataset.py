@@ -10,7 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gsrl.data.lerobot import ActionChunkDataset, Episode, LeRobotDataset, LeRobotWriter
+from gsrl.data.lerobot import (
+    ActionChunkDataset,
+    Episode,
+    LeRobotDataset,
+    LeRobotWriter,
+    decode_video,
+    decode_video_imageio,
+)
+from gsrl.video import VideoWriter
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +133,55 @@ def test_preload_decodes_every_episode_once(
     for index, episode in enumerate(cached):
         np.testing.assert_array_equal(episode.images[KEY], on_demand.episode(index).images[KEY])
         np.testing.assert_array_equal(episode.actions, on_demand.episode(index).actions)
+
+
+def _odd_sized_video(path: Path) -> np.ndarray:
+    """A 9-frame 15x17 clip (the writer pads it to 16x18) with content that moves, written as collect writes."""
+    frames = np.zeros((9, 15, 17, 3), dtype=np.uint8)
+    for t in range(len(frames)):
+        frames[t] = (30 + 20 * t, 90, 160)
+        frames[t, t : t + 6, 2 + t : 8 + t] = (250, 240, 20)
+    with VideoWriter(path, fps=20, quality=9) as writer:
+        for frame in frames:
+            writer.append(frame)
+    return frames
+
+
+def test_opencv_decode_gives_imageio_pixels_cropped_to_the_recorded_size(tmp_path: Path) -> None:
+    frames = _odd_sized_video(tmp_path / "clip.mp4")
+    decoded = decode_video(tmp_path / "clip.mp4", 15, 17)
+    padded = decode_video_imageio(tmp_path / "clip.mp4")  # the subprocess decoder: the file's full 16x18 frames
+    assert padded.shape == (9, 16, 18, 3) and decoded.shape == (9, 15, 17, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, padded[:, :15, :17])
+    # lossy, but each decoded frame is nearest to its own original, in order
+    distances = np.abs(decoded[:, None].astype(np.float32) - frames[None].astype(np.float32)).mean(axis=(2, 3, 4))
+    assert distances.argmin(axis=1).tolist() == list(range(len(frames)))
+
+
+def test_decode_falls_back_to_imageio_where_opencv_cannot_open_the_video(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _odd_sized_video(tmp_path / "clip.mp4")
+    expected = decode_video(tmp_path / "clip.mp4", 15, 17)
+
+    class Unopened:  # an OpenCV build without its FFmpeg backend opens no mp4
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr("cv2.VideoCapture", Unopened)
+    np.testing.assert_array_equal(decode_video(tmp_path / "clip.mp4", 15, 17), expected)
+
+
+def test_a_video_without_frames_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(Exception, match="empty.mp4"):
+        decode_video(tmp_path / "empty.mp4", 15, 17)
 
 
 def test_preload_refuses_a_cache_too_small(written: tuple[Path, list[Episode]]) -> None:
