@@ -9,6 +9,7 @@ gsrl config [-c run.yaml] [overrides]                 print the effective, valid
 gsrl check [-c run.yaml] [overrides] [--steps N]      build env + policy, run steps end to end, ping services
 gsrl curve RUN_DIR --out curve.png [--eval L=J ...]   a run's learning curve, with eval results marked
 gsrl compare --base A.json --new B.json             two checkpoints' evals, episode by episode
+gsrl export CKPT --out DIR [--dtype bfloat16]       a checkpoint in bfloat16 and/or size-limited shards
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ COMMANDS = {
     "sft": ("services.learner.sft", "Supervised fine-tuning of the VLA on demonstrations (flow matching, DeepSpeed)."),
     "curve": ("gsrl.curves", "Draw a run's learning curve (training success, return, eval points) as a PNG."),
     "compare": ("gsrl.compare", "Compare two checkpoints' eval reports episode by episode (McNemar's test)."),
+    "export": ("gsrl.export", "Copy a checkpoint in another precision (bfloat16) and/or as size-limited shards."),
     "check": ("gsrl.check", "Check env, policy, checkpoint and services fit: a few steps end to end, PASS/FAIL."),
     "config": (None, "Validate a run config and print it with every default filled in."),
 }

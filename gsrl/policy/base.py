@@ -139,24 +139,20 @@ def build_policy(
 
 
 def load_model_weights(path: str | Path) -> dict[str, Tensor]:
-    """The state dict in ``model.safetensors``: ``path`` is the file or a checkpoint directory holding it.
+    """The state dict of a checkpoint: ``path`` is ``model.safetensors``, a shard index, or a directory holding
+    either (``gsrl.checkpoint_files``).
 
     The one reader of a checkpoint's weights for every role (serving, evaluation, videos, checks, the learner's
     resume), so what a checkpoint means is defined once and no service imports another's internals for it.
     FileNotFoundError names the path.
     """
-    from safetensors.torch import load_file
+    from gsrl.checkpoint_files import load_weights
 
-    file = Path(path)
-    if file.is_dir():
-        file = file / "model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"policy checkpoint not found: {file}")
-    return load_file(str(file))
+    return load_weights(path)
 
 
 def load_weights_file(policy: Policy, path: str | Path) -> None:
-    """Load ``model.safetensors`` (a file, or a checkpoint directory holding one) into ``policy``, strictly.
+    """Load a checkpoint's weights (``load_model_weights``) into ``policy``, strictly.
 
     How a policy server or a learner starts from a trained checkpoint (``policy.checkpoint``) instead of its
     random initialisation; FileNotFoundError / RuntimeError name the path and the mismatching keys.

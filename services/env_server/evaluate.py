@@ -208,13 +208,11 @@ def build_eval_policy(config: Config, batch: EnvBatch) -> Policy:
 
 
 def resolve_weights_file(path: str | Path) -> Path:
-    """The ``model.safetensors`` a ``--checkpoint`` names; FileNotFoundError naming the path when there is none."""
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        where = f"checkpoint directory {path} has no model.safetensors" if path.is_dir() else f"{path} does not exist"
-        raise FileNotFoundError(f"checkpoint not found: {where}")
-    return file
+    """The weights file a ``--checkpoint`` names (``model.safetensors`` or a shard index); FileNotFoundError naming
+    the path when there is none."""
+    from gsrl.checkpoint_files import resolve_weights
+
+    return resolve_weights(path)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:

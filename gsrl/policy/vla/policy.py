@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput
+from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput, load_model_weights
 from gsrl.policy.vla import flow
 from gsrl.policy.vla.compile import DEFAULT_MAX_BATCH, CompiledVLA, batch_bucket, check_compile_mode, pad_rows
 from gsrl.policy.vla.config import VLAConfig, vla_config
@@ -391,11 +391,7 @@ class VLAPolicy(Policy):
         """Load native (``save_checkpoint``) or LeRobot/openpi pi0.5 weights; mismatches raise with a full list."""
         from gsrl.policy.vla import lerobot_names
 
-        path = Path(path)
-        file = path / CHECKPOINT_WEIGHTS if path.is_dir() else path
-        if not file.exists():
-            raise FileNotFoundError(f"no checkpoint weights at {file}")
-        state = load_file(str(file))
+        state = load_model_weights(path)  # model.safetensors or shards (gsrl export)
         if lerobot_names.is_lerobot_state_dict(state):
             lerobot_names.load_lerobot_state_dict(self.model, state)
             return
