@@ -14,6 +14,7 @@
 set -u
 # Run from a private copy (REPO_COPY): later device calls re-sync the working tree under the repo root.
 REPO_COPY=${REPO_COPY:-/tmp/repo}
+[ -n "${SFT_DIR:-}" ] && SFT_DIR=$(realpath "$SFT_DIR")  # named from where the campaign was started
 rm -rf "$REPO_COPY" && mkdir -p "$REPO_COPY" && tar cf - --exclude=./.device --exclude=./.venv --exclude=./runs . \
   | tar xf - -C "$REPO_COPY" && cd "$REPO_COPY" || exit 1
 R=${RESULTS:-/tmp/results}; mkdir -p $R
@@ -55,6 +56,13 @@ MID_EVERY=${MID_EVERY:-20}    # also evaluate every MID_EVERY-th update's checkp
 EVAL_STOCHASTIC=${EVAL_STOCHASTIC:-1}
 OVERRIDES=${OVERRIDES:-}      # section.key=value ... for every gsrl step (a CPU dry run: tiny preset, small images)
 COMPILE_PROBE=${COMPILE_PROBE:-1}  # 0: SFT eager, no probe
+# A device machine goes back after 30 minutes held. SFT on one machine and PPO on the next (the relay):
+#   machine 1: STOP_AFTER_SFT=1 SFT_EXPORT_MIB=15: collect and SFT, then a bfloat16 copy of the SFT checkpoint in
+#              shards of 15 MiB ($R/sft-export, `gsrl export`), small enough to fetch back and carry again;
+#   machine 2: SFT_DIR=<that copy>: no collect, no SFT; evaluations and PPO from it.
+SFT_DIR=${SFT_DIR:-}
+STOP_AFTER_SFT=${STOP_AFTER_SFT:-0}
+SFT_EXPORT_MIB=${SFT_EXPORT_MIB:-0}
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 (( RL_GPUS > NGPU )) && RL_GPUS=$NGPU
 RL_CONFIG_MULTI=${RL_CONFIG_MULTI:-${CONFIG}_${RL_GPUS}gpu}
@@ -70,6 +78,9 @@ nvidia-smi > $R/nvidia-smi.txt 2>&1
 for _ in $(seq ${GSPLAT_WAIT:-240}); do grep -q "kernels ready" /tmp/gsplat-build.log 2>/dev/null && break; sleep 1; done
 log "gsplat: $(tail -1 /tmp/gsplat-build.log 2>/dev/null)"
 
+finish() { log "$*"; log "DONE"; touch $R/DONE; exit 1; }  # a stage left nothing to go on with
+SFT=${SFT_DIR:-$R/sft}
+if [ -z "$SFT_DIR" ]; then
 # 1. demonstrations, and meanwhile the compile probe on GPU 0
 ( [ "$COMPILE_PROBE" = 1 ] && CUDA_VISIBLE_DEVICES=0 timeout -k 10 300 $PYTHON -m pytest -p no:hydra_pytest -q tests/gpu/test_vla_compile_cuda.py \
     -k default > $R/compile-test.log 2>&1 && echo "policy.compile_mode=default" > $R/sft_overrides || : > $R/sft_overrides
@@ -83,7 +94,6 @@ for i in $(seq 0 $((COLLECTORS - 1))); do
     --out $R/demos-$i > $R/collect-$i.log 2>&1 &
 done
 wait
-finish() { log "$*"; log "DONE"; touch $R/DONE; exit 1; }  # a stage left nothing to go on with
 log "collect: $(for i in $(seq 0 $((COLLECTORS - 1))); do tail -1 $R/collect-$i.log | cut -c1-160; done | tr '\n' '|')"
 
 for d in "${data[@]}"; do [ -f $d/meta/info.json ] || finish "collect wrote no dataset $d: stopping"; done
@@ -105,7 +115,15 @@ if [ ! -f $R/sft/model.safetensors ] && (( SFT_GPUS > 1 )); then
   left=$((SFT_SECONDS > 0 ? SFT_SECONDS - (SECONDS - start) : 0)); (( SFT_SECONDS > 0 && left < 120 )) && left=120
   start=$SECONDS; sft 1 $left; log "sft on 1 GPU rc=$? $((SECONDS - start))s $(tail -1 $R/sft-1gpu.log | cut -c1-200)"
 fi
-[ -f $R/sft/model.safetensors ] || finish "no SFT checkpoint: stopping"
+else
+  log "SFT_DIR=$SFT_DIR: no collect, no SFT"
+fi
+[ -f $SFT/model.safetensors ] || [ -f $SFT/model.safetensors.index.json ] || finish "no SFT checkpoint in $SFT: stopping"
+if (( SFT_EXPORT_MIB > 0 )); then
+  $GSRL export $SFT --out $R/sft-export --dtype bfloat16 --max-shard-mib $SFT_EXPORT_MIB > $R/export.log 2>&1
+  log "export rc=$? $(tail -1 $R/export.log)"
+fi
+if (( STOP_AFTER_SFT )); then log "STOP_AFTER_SFT=1: no evaluations, no PPO"; log "DONE"; touch $R/DONE; exit 0; fi
 if (( RL_END > 0 )); then
   RL_SECONDS=$((RL_END - (SECONDS - T0) - 60)); (( RL_SECONDS < 60 )) && RL_SECONDS=60
   log "RL_END=${RL_END}s: PPO runs ${RL_SECONDS}s"
@@ -126,7 +144,7 @@ ppo() {  # ppo NAME GPUS CPUS METRICS_PORT_OFFSET OVERRIDES...: PPO from the SFT
   local gpu=${gpus%%,*} pool_gpu=${gpus##*,} all k=0
   IFS=, read -ra all <<< "$gpus"
   CUDA_VISIBLE_DEVICES=$gpus taskset -c $cpus timeout -k 10 $((RL_SECONDS + 300)) $GSRL train -c $RL_CONFIG \
-    --run-dir $R/rl-$name policy.checkpoint=$R/sft run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
+    --run-dir $R/rl-$name policy.checkpoint=$SFT run.duration_s=$RL_SECONDS learner.keep_checkpoints=$KEEP_CHECKPOINTS \
     policy_server.metrics_port=$((9101 + off)) env_server.metrics_port=$((9201 + off)) learner.metrics_port=$((9301 + off)) \
     $OVERRIDES "${POOLED[@]}" "$@" > $R/rl-$name.log 2>&1
   log "rl $name rc=$? $((SECONDS - start))s $(grep -E '^iter' $R/rl-$name.log | tail -1)"
@@ -161,9 +179,9 @@ monitor() {  # a progress line per PPO run every 60 s, for the poll calls
 # A alone on N GPUs and every core
 monitor &
 mon=$!
-evaluate sft $R/sft 0 ${CPUS[0]} &
-(( POOL > 0 )) && evaluate_pool sft $R/sft $((NGPU - 1)) ${CPUS[1]} &
-(( EVAL_STOCHASTIC )) && evaluate sft-stochastic $R/sft $((1 % NGPU)) ${CPUS[0]} --stochastic &
+evaluate sft $SFT 0 ${CPUS[0]} &
+(( POOL > 0 )) && evaluate_pool sft $SFT $((NGPU - 1)) ${CPUS[1]} &
+(( EVAL_STOCHASTIC )) && evaluate sft-stochastic $SFT $((1 % NGPU)) ${CPUS[0]} --stochastic &
 if (( RL_GPUS > 1 )); then
   log "PPO A overrides '$RL_A' on GPUs 0-$((RL_GPUS - 1)), no B"
   ( start=$SECONDS

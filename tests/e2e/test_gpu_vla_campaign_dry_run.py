@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,36 @@ def test_campaign_dry_run_falls_back_to_one_gpu_when_the_whole_host_run_fails(tm
     assert "world_size: 1" in (results / "rl-A1" / "config.yaml").read_text()
     assert json.loads((results / "eval-rl-A1.json").read_text())["result"]["episodes"] == 2
     assert (results / "curve-A1.png").stat().st_size > 0
+
+
+def test_campaign_relay_sft_on_one_machine_then_ppo_from_its_bfloat16_shards(tmp_path: Path) -> None:
+    """A device machine goes back after 30 minutes: the first runs collect and SFT and exports the checkpoint as
+    bfloat16 shards (``STOP_AFTER_SFT=1 SFT_EXPORT_MIB``), which travel in pieces; the next one starts from them
+    (``SFT_DIR``) with no collect and no SFT, and evaluates SFT and PPO on the same episodes."""
+    first, log = _run_campaign(
+        tmp_path / "machine-1", **{**WHOLE_HOST_PPO, "RL_GPUS": "1"}, STOP_AFTER_SFT="1", SFT_EXPORT_MIB="1"
+    )
+    assert "STOP_AFTER_SFT=1: no evaluations, no PPO" in log and re.search(r"export rc=0 .* wrote \d+ file", log)
+    assert not (first / "rl-A").exists() and not (first / "eval-sft.json").exists()
+    shards = sorted((first / "sft-export").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 1.05 * 2**20 for p in shards)
+    carried = tmp_path / "carried"  # what the next machine receives: the shards, their index, config, tokenizer
+    shutil.copytree(first / "sft-export", carried)
+
+    second, log = _run_campaign(
+        tmp_path / "machine-2",
+        SFT_DIR=str(carried),
+        NGPU="1",
+        EVAL_EPISODES="2",
+        POOL="0",
+        MID_EVERY="0",
+        EVAL_STOCHASTIC="0",
+        RL_SECONDS="25",
+    )
+    assert f"SFT_DIR={carried}: no collect, no SFT" in log
+    assert not list(second.glob("demos-*")) and not (second / "sft").exists()
+    assert "checkpoint: " + str(carried) in (second / "rl-A" / "config.yaml").read_text()
+    sft_report = json.loads((second / "eval-sft.json").read_text())
+    assert sft_report["checkpoint"].endswith("model.safetensors.index.json")
+    assert json.loads((second / "eval-rl-A.json").read_text())["result"]["episodes"] == 2
+    assert re.search(r"compare SFT -> A held-out: 2 paired episodes", log), log
