@@ -31,6 +31,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gsrl import codec
+from gsrl.checkpoint_files import resolve_weights
 from gsrl.cli import add_config_arguments, add_redis_url_argument, parse_role_arguments
 from gsrl.config import Config
 from gsrl.env_spec import probe_env_spec
@@ -40,7 +41,7 @@ from gsrl.rl.reward_trap import config_reward_trap_warning
 from gsrl.tls import open_channel
 from gsrl.v1 import rollout_pb2
 from services.env_server.core import EnvBatch
-from services.env_server.evaluate import build_eval_policy, policy_observation_spec, resolve_weights_file
+from services.env_server.evaluate import build_eval_policy, policy_observation_spec
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def _build_policy(
     if checkpoint is None:
         return policy, results
     try:
-        weights_file = resolve_weights_file(checkpoint)
+        weights_file = resolve_weights(checkpoint)
         policy.load_state_dict(load_model_weights(weights_file))
     except FileNotFoundError as exc:
         return None, [*results, CheckResult("checkpoint", False, str(exc))]

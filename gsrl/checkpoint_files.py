@@ -13,6 +13,7 @@ Safetensors throughout: loading runs no code.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,12 @@ from torch import Tensor
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+SHARD_PATTERN = "model-*-of-*.safetensors"
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether ``name`` is one of a checkpoint's weight files (the single file, a shard, or the shard index)."""
+    return name in (WEIGHTS_FILE, SHARD_INDEX) or fnmatch.fnmatchcase(name, SHARD_PATTERN)
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -53,14 +60,15 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         weight_map: dict[str, str] = json.loads(file.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{file} is not a safetensors shard index (no weight_map): {exc}") from exc
-    shards = sorted(set(weight_map.values()))
-    missing = [name for name in shards if not (file.parent / name).is_file()]
+    listed_in: dict[str, set[str]] = {}  # shard file -> the tensors the index puts in it
+    for key, shard in weight_map.items():
+        listed_in.setdefault(shard, set()).add(key)
+    missing = [name for name in sorted(listed_in) if not (file.parent / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{file} lists shards that are not in {file.parent}: {', '.join(missing)}")
     state: dict[str, Tensor] = {}
-    for name in shards:
+    for name, listed in sorted(listed_in.items()):
         part = load_file(str(file.parent / name))
-        listed = {key for key, shard in weight_map.items() if shard == name}
         if set(part) != listed:
             extra, absent = sorted(set(part) - listed), sorted(listed - set(part))
             raise ValueError(f"{file.parent / name} does not match {file.name}: unlisted {extra}, absent {absent}")
@@ -79,8 +87,7 @@ def save_sharded(state: Mapping[str, Tensor], directory: str | Path, max_shard_b
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     directory = Path(directory)
-    existing = [p.name for p in (directory / WEIGHTS_FILE, directory / SHARD_INDEX) if p.exists()]
-    existing += sorted(p.name for p in directory.glob("model-*-of-*.safetensors"))
+    existing = sorted(p.name for p in directory.iterdir() if is_weights_file(p.name)) if directory.is_dir() else []
     if existing:
         raise FileExistsError(f"{directory} already holds weights ({', '.join(existing)}): export into a new directory")
     directory.mkdir(parents=True, exist_ok=True)

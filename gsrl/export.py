@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gsrl.checkpoint_files import SHARD_INDEX, WEIGHTS_FILE, load_weights, resolve_weights, save_sharded
+from gsrl.checkpoint_files import is_weights_file, load_weights, resolve_weights, save_sharded
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,10 +44,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "keep", 
     written = save_sharded(state, out, max(1, limit))
     source_dir = weights.parent
     for extra in sorted(source_dir.iterdir()):
-        is_weights = extra.name in (WEIGHTS_FILE, SHARD_INDEX) or (
-            extra.name.startswith("model-") and extra.name.endswith(".safetensors")
-        )
-        if extra.is_file() and not is_weights:
+        if extra.is_file() and not is_weights_file(extra.name):
             shutil.copy2(extra, Path(out) / extra.name)
     return written
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gsrl.checkpoint_files import resolve_weights
 from gsrl.cli import add_config_arguments, parse_role_arguments
 from gsrl.config import Config
 from gsrl.env_spec import wire_dtype_name
@@ -207,14 +208,6 @@ def build_eval_policy(config: Config, batch: EnvBatch) -> Policy:
     return build_policy(p.kind, policy_observation_spec(batch), batch.action_dim, p.action_chunk, **p.kwargs())
 
 
-def resolve_weights_file(path: str | Path) -> Path:
-    """The weights file a ``--checkpoint`` names (``model.safetensors`` or a shard index); FileNotFoundError naming
-    the path when there is none."""
-    from gsrl.checkpoint_files import resolve_weights
-
-    return resolve_weights(path)
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Roll a checkpointed policy out on the run's task and report its success rate."
@@ -257,7 +250,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     if args.num_envs is not None and args.num_envs < 1:
         parser.error(f"--num-envs must be >= 1, got {args.num_envs}")
     try:
-        weights_file = resolve_weights_file(args.checkpoint)
+        weights_file = resolve_weights(args.checkpoint)
     except FileNotFoundError as exc:
         parser.error(str(exc))
     device = args.device or config.policy_server.device

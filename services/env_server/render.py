@@ -202,12 +202,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl render") -> int:
             if args.seed is None and "seed" in data:
                 seed = int(data["seed"])
     elif args.checkpoint:
+        from gsrl.checkpoint_files import resolve_weights
         from gsrl.env_spec import probe_env_spec
         from gsrl.policy import load_model_weights
-        from services.env_server.evaluate import resolve_weights_file
 
         try:
-            weights = resolve_weights_file(args.checkpoint)
+            weights = resolve_weights(args.checkpoint)
         except FileNotFoundError as exc:
             parser.error(str(exc))
         spec = probe_env_spec(config.task)

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from gsrl.checkpoint_files import WEIGHTS_FILE
 from gsrl.policy.base import ObservationSpec, Policy, PolicyOutput, load_model_weights
 from gsrl.policy.vla import flow
 from gsrl.policy.vla.compile import DEFAULT_MAX_BATCH, CompiledVLA, batch_bucket, check_compile_mode, pad_rows
@@ -40,7 +41,6 @@ from gsrl.policy.vla.tokenizer import ByteTokenizer, discretize_state
 
 EXTRA_CHAIN = "chain"
 EXTRA_STOCHASTIC = "stochastic_steps"
-CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "vla_config.json"
 CHECKPOINT_TOKENIZER = "tokenizer.json"
 
@@ -382,7 +382,7 @@ class VLAPolicy(Policy):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / CHECKPOINT_WEIGHTS))
+        save_file(tensors, str(directory / WEIGHTS_FILE))
         (directory / CHECKPOINT_CONFIG).write_text(self.config.to_json() + "\n")
         self.tokenizer.save(directory / CHECKPOINT_TOKENIZER)
         return directory
