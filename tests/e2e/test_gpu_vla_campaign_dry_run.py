@@ -58,11 +58,13 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
         "SFT_BATCH": "4",
         "SFT_SHIFT": "2",
         "EVAL_EPISODES": "2",
-        "RL_SECONDS": "25",
+        # Each PPO run ends at 10 updates, however slow the machine (a 25 s budget once made 20-26 updates, and on
+        # a slower CI box fewer than 10); the time is only a ceiling.
+        "RL_SECONDS": "300",
         "POOL": "3",
-        "MID_EVERY": "10",  # the run makes 20-26 updates: u10 and u20 along the way
-        "RL_A": "algo.gamma=0.97",
-        "RL_B": "policy.train_expert_only=false algo.micro_batch_size=128",
+        "MID_EVERY": "4",  # checkpoints every 2 updates: u4 and u8 along the way, u10 the last
+        "RL_A": "algo.gamma=0.97 run.max_updates=10",
+        "RL_B": "policy.train_expert_only=false algo.micro_batch_size=128 run.max_updates=10",
     }
     results, log = _run_campaign(tmp_path, **settings)
 
@@ -72,18 +74,20 @@ def test_campaign_dry_run_collects_trains_and_evaluates_both_variants(tmp_path: 
     assert "sft on 2 GPU(s) rc=0" in log  # the data-parallel path, not the one-GPU fallback
     assert "(2 rank(s))" in (results / "sft-2gpu.log").read_text()
     assert json.loads((results / "sft" / "sft_settings.json").read_text())["world_size"] == 2
-    overrides_b = "policy.train_expert_only=false algo.micro_batch_size=128"
-    assert f"PPO A overrides 'algo.gamma=0.97', B overrides '{overrides_b}'" in log
+    overrides_b = "policy.train_expert_only=false algo.micro_batch_size=128 run.max_updates=10"
+    assert f"PPO A overrides 'algo.gamma=0.97 run.max_updates=10', B overrides '{overrides_b}'" in log
     for name in ("sft", "rl-A", "rl-B"):
         report = json.loads((results / f"eval-{name}.json").read_text())
         assert report["result"]["episodes"] == 2 and report["layouts"] == "held-out"
     for name in ("sft", "rl-A", "rl-B"):  # also on the training layouts: 2 rounded up to whole pools of 3
         report = json.loads((results / f"eval-{name}-pool.json").read_text())
         assert report["result"]["episodes"] == 3 and (report["layouts"], report["layout_pool"]) == ("pool", 3)
-    # Checkpoints along the way (every 10th update, on the pool), each marked in the curve at its update.
-    mid = json.loads((results / "eval-rl-A-u10-pool.json").read_text())
-    assert mid["checkpoint"].endswith("update_000010/model.safetensors") and mid["layouts"] == "pool"
-    assert re.search(r"curve A rc=0 marks SFT u10 (u\d+ )*RL ", log), log
+    # Checkpoints along the way (every 4th update, on the pool), each marked in the curve at its update.
+    for n in (4, 8):
+        mid = json.loads((results / f"eval-rl-A-u{n}-pool.json").read_text())
+        assert mid["checkpoint"].endswith(f"update_{n:06d}/model.safetensors") and mid["layouts"] == "pool"
+    assert not (results / "eval-rl-A-u10-pool.json").exists()  # the last checkpoint has its own evaluations
+    assert "curve A rc=0 marks SFT u4 u8 RL " in log, log
     assert (results / "curve-A.png").stat().st_size > 0 and (results / "curve-B.png").stat().st_size > 0
     for name in ("A", "B"):  # each PPO checkpoint against SFT, episode by episode, on all three protocols
         for protocol in ("held-out", "pool", "stochastic"):
@@ -109,6 +113,7 @@ WHOLE_HOST_PPO = {
     "POOL": "0",
     "MID_EVERY": "0",
     "RL_GPUS": "2",
+    "RL_A": "run.max_updates=2",  # one checkpoint (every 2 updates), then the run ends, on a fast box or a slow one
 }
 
 
@@ -141,7 +146,7 @@ def test_campaign_dry_run_falls_back_to_one_gpu_when_the_whole_host_run_fails(tm
     results, log = _run_campaign(
         tmp_path,
         **WHOLE_HOST_PPO,
-        RL_SECONDS="70",
+        RL_SECONDS="150",  # a ceiling: A1 stops at 2 updates; it needs 60 s left after the failed run
         RL_CONFIG_MULTI="no_such_config",
     )
     assert re.search(r"PPO on 2 GPUs made no checkpoint: A1 on GPU 0 with gs_vla_ppo for the \d+s left", log), log
@@ -172,7 +177,8 @@ def test_campaign_relay_sft_on_one_machine_then_ppo_from_its_bfloat16_shards(tmp
         POOL="0",
         MID_EVERY="0",
         EVAL_STOCHASTIC="0",
-        RL_SECONDS="25",
+        RL_SECONDS="150",  # a ceiling: PPO stops at its first checkpoint
+        RL_A="run.max_updates=2",
     )
     assert f"SFT_DIR={carried}: no collect, no SFT" in log
     assert not list(second.glob("demos-*")) and not (second / "sft").exists()
