@@ -187,6 +187,9 @@ class TaskConfig:
     # return telescopes to its last step's reward, and a shaped reward can no longer pay for hovering short of success
     # (gsrl.rl.reward_trap). With the sparse reward it changes nothing: success ends the episode.
     relative_reward: bool = False
+    # RLinf's ignore_terminations (its evaluation setting; its training keeps False): success does not end an episode,
+    # which runs to max_episode_steps. `gsrl eval --ignore-terminations` sets it and reports success at the end too.
+    ignore_terminations: bool = False
     # RLinf's fixed reset states (use_fixed_reset_state_ids): 0 = every episode a new cube/plate layout; N = every
     # episode starts from one of N fixed layouts (drawn at random in training; image randomization stays fresh), as
     # the recipe trains and evaluates. `gsrl eval --layouts pool` then scores exactly those N layouts, each once; its

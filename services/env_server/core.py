@@ -33,7 +33,7 @@ class ChunkResult:
     step_rewards: np.ndarray
     """[B, C] float32, per step; 0 for the steps skipped after an episode ended inside the chunk."""
     terminated: np.ndarray
-    """[B] bool, the episode ended by the task (success with ManiSkill's default)."""
+    """[B] bool, the episode ended by the task (success with ManiSkill's default); never with ignore_terminations."""
     truncated: np.ndarray
     """[B] bool, the episode hit the time limit; never True where ``terminated`` is (terminated wins)."""
     final_observations: dict[str, np.ndarray]
@@ -45,6 +45,9 @@ class ChunkResult:
     """[B] int32, env steps of the ended episode; 0 where none ended."""
     episode_success_once: np.ndarray
     """[B] bool, whether the ended episode was a success at any of its steps; False where none ended."""
+    episode_success_at_end: np.ndarray
+    """[B] bool, whether the ended episode was a success at its last step; False where none ended. Equal to
+    ``episode_success_once`` unless the batch ignores terminations (success ends an episode otherwise)."""
     steps_executed: int
     """Env steps actually run in this call, summed over envs (< B*C when episodes ended inside the chunk)."""
     film_frames: dict[str, np.ndarray] | None = None
@@ -83,6 +86,10 @@ class EnvBatch:
     the camera images of all envs of the batch in one call of the splat renderer (``gsrl.tasks.gs_env``), only
     for the observations the policy reads: the one after each chunk and the final one of an ended episode, never
     the intermediate steps of a chunk.
+
+    ``ignore_terminations`` (RLinf's evaluation setting): the task's termination (success) does not end an episode;
+    it runs to the time limit, so ``episode_success_at_end`` can differ from ``episode_success_once`` (a policy that
+    lifts the cube off the plate again).
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class EnvBatch:
         control_freq: int = 20,
         success_mode: str = "strict",
         relative_reward: bool = False,
+        ignore_terminations: bool = False,
         seed: int = 0,
         first_env: int = 0,
         layout_seeds: Sequence[int] | None = None,
@@ -208,6 +216,7 @@ class EnvBatch:
         self._episode_success_once = np.zeros(num_envs, dtype=bool)
         # RLinf's use_rel_reward (TaskConfig.relative_reward): each step pays the change of the task's reward.
         self.relative_reward = relative_reward
+        self.ignore_terminations = ignore_terminations
         self._previous_reward = np.zeros(num_envs, dtype=np.float64)
         self.film_env: int | None = None
         """Env whose every step ``step_chunk`` also renders (``ChunkResult.film_frames``), for videos at the control
@@ -247,6 +256,7 @@ class EnvBatch:
         episode_return = np.zeros(num_envs, dtype=np.float32)
         episode_length = np.zeros(num_envs, dtype=np.int32)
         episode_success_once = np.zeros(num_envs, dtype=bool)
+        episode_success_at_end = np.zeros(num_envs, dtype=bool)
         final_obs = list(self._last_obs)
         final_snapshots: dict[int, Any] = {}
         steps_executed = 0
@@ -260,11 +270,12 @@ class EnvBatch:
                 self._previous_reward[i] = reward
                 self._episode_return[i] += step_rewards[i, k]
                 self._episode_length[i] += 1
-                self._episode_success_once[i] |= bool(_scalar(info.get("success", False)))
+                success = bool(_scalar(info.get("success", False)))
+                self._episode_success_once[i] |= success
                 self._last_obs[i] = self._to_numpy_obs(obs)
                 if i == self.film_env:
                     film.append(self._last_obs[i] if self._observer is None else self._snapshot(i))
-                terminated[i] = bool(_scalar(term))
+                terminated[i] = bool(_scalar(term)) and not self.ignore_terminations
                 truncated[i] = bool(_scalar(trunc)) and not terminated[i]
                 if terminated[i] or truncated[i]:
                     final_obs[i] = self._last_obs[i]
@@ -273,6 +284,7 @@ class EnvBatch:
                     episode_return[i] = self._episode_return[i]
                     episode_length[i] = self._episode_length[i]
                     episode_success_once[i] = self._episode_success_once[i]
+                    episode_success_at_end[i] = success
                     self._episode_return[i] = 0.0
                     self._episode_length[i] = 0
                     self._episode_success_once[i] = False
@@ -299,6 +311,7 @@ class EnvBatch:
             episode_return=episode_return,
             episode_length=episode_length,
             episode_success_once=episode_success_once,
+            episode_success_at_end=episode_success_at_end,
             steps_executed=steps_executed,
             film_frames=None if self.film_env is None else self._film_frames(film[:-1]),
         )
@@ -320,6 +333,7 @@ class EnvBatch:
             control_freq=task.control_freq,
             success_mode=task.success_mode,
             relative_reward=task.relative_reward,
+            ignore_terminations=task.ignore_terminations,
             seed=seed,
             first_env=first_env,
             layout_seeds=task.layout_seeds(),

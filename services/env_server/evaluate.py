@@ -8,9 +8,11 @@ Unbiased episode counting: with B envs, stopping at the first N episodes to fini
 (in this task successes end early, failures run to the time limit). Each env is instead given a fixed quota of
 episodes up front, and episodes an env finishes beyond its quota are ignored.
 
-There is no separate "success at end" rate: ManiSkill terminates an episode at its first success step (and gsrl's
-tasks have no failure condition), so an episode that was ever successful ends on that success and the two rates are
-the same number by construction.
+Success once and success at the end: ManiSkill terminates an episode at its first success step (and gsrl's tasks have
+no failure condition), so by default an episode that was ever successful ends on that success and the two rates are
+the same number. ``--ignore-terminations`` is RLinf's evaluation setting: every episode runs to the time limit, and a
+policy that lifts the cube off the plate again counts for success once but not at the end. Up to the first success
+an episode is the same either way, so success once does not change with the setting.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class EvalResult:
 
     episodes: int
     success_once_rate: float
-    """Fraction of episodes with a success at any step (= success at the end: success terminates the episode)."""
+    """Fraction of episodes with a success at any step."""
+    success_at_end_rate: float
+    """Fraction of episodes that were a success at their last step (= success once unless terminations are ignored:
+    success ends the episode)."""
     mean_return: float
     """Undiscounted return per episode in the task's reward mode (normalized_dense: at most 1 per step)."""
     mean_length: float
@@ -61,6 +66,7 @@ class EvalResult:
     episode_returns: list[float]
     episode_lengths: list[int]
     episode_success_once: list[bool]
+    episode_success_at_end: list[bool]
     episode_envs: list[int]
     """The env each episode ran on."""
     episode_numbers: list[int]
@@ -118,6 +124,7 @@ def _run_episodes(
     returns: list[float] = []
     lengths: list[int] = []
     success_once: list[bool] = []
+    success_at_end: list[bool] = []
     envs: list[int] = []
     numbers: list[int] = []
     env_steps = 0
@@ -143,6 +150,7 @@ def _run_episodes(
                 returns.append(float(result.episode_return[i]))
                 lengths.append(int(result.episode_length[i]))
                 success_once.append(bool(result.episode_success_once[i]))
+                success_at_end.append(bool(result.episode_success_at_end[i]))
         observations = result.observations
 
         now = time.monotonic()
@@ -163,6 +171,7 @@ def _run_episodes(
     return EvalResult(
         episodes=len(returns),
         success_once_rate=float(np.mean(success_once)),
+        success_at_end_rate=float(np.mean(success_at_end)),
         mean_return=float(np.mean(returns)),
         mean_length=float(np.mean(lengths)),
         env_steps=env_steps,
@@ -170,6 +179,7 @@ def _run_episodes(
         episode_returns=returns,
         episode_lengths=lengths,
         episode_success_once=success_once,
+        episode_success_at_end=success_at_end,
         episode_envs=envs,
         episode_numbers=numbers,
     )
@@ -231,6 +241,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
     )
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mean")
     parser.add_argument(
+        "--ignore-terminations",
+        action="store_true",
+        help="RLinf's evaluation setting: a success does not end the episode, every episode runs to "
+        "task.max_episode_steps, and success at the end is reported beside success once (task.ignore_terminations)",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="where the policy runs: cpu, cuda, cuda:N (default policy_server.device, the run's serving device)",
@@ -269,6 +285,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
         )
     # Held-out layouts ignore the pool: every episode a new layout, from seeds training never draws.
     task = config.task if args.layouts == "pool" else dataclasses.replace(config.task, layout_pool=0)
+    if args.ignore_terminations:
+        task = dataclasses.replace(task, ignore_terminations=True)
     layouts = "held-out" if args.layouts == "held-out" else f"pool of {pool_size} (seed {task.layout_pool_seed})"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # physics dominates; keep one core per process
 
@@ -314,11 +332,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             print(f"videos: {', '.join(str(p) for p in recorder.videos)}")
 
     mode = "stochastic" if args.stochastic else "deterministic"
+    if task.ignore_terminations:
+        mode += ", terminations ignored"
     low, high = wilson_interval(sum(result.episode_success_once), result.episodes)
+    end_low, end_high = wilson_interval(sum(result.episode_success_at_end), result.episodes)
+    at_end = ""
+    if task.ignore_terminations:  # otherwise the same number as success_once
+        at_end = (
+            f"success_at_end {100 * result.success_at_end_rate:.1f}% "
+            f"(95% CI {100 * end_low:.1f}-{100 * end_high:.1f}%), "
+        )
     print(
         f"{config.task.id} {weights_file}: {result.episodes} episodes ({mode}, layouts {layouts}), "
         f"success_once {100 * result.success_once_rate:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%), "
-        f"mean return {result.mean_return:.2f}, "
+        f"{at_end}mean return {result.mean_return:.2f}, "
         f"mean length {result.mean_length:.1f}, {result.wall_s:.0f} s"
     )
     if args.json:
@@ -332,10 +359,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl eval") -> int:
             "seed": seed,
             "layouts": args.layouts,
             "layout_pool": pool_size if args.layouts == "pool" else 0,
+            "ignore_terminations": task.ignore_terminations,
             "device": device,
             "config": config.to_dict(),
             "result": asdict(result),
             "success_once_ci95": [low, high],
+            "success_at_end_ci95": [end_low, end_high],
         }
         out.write_text(json.dumps(report, indent=2))
     return 0

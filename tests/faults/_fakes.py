@@ -108,6 +108,7 @@ class FakeEnvBatch:
             episode_return=np.zeros(n, np.float32),
             episode_length=np.zeros(n, np.int32),
             episode_success_once=zeros,
+            episode_success_at_end=zeros,
             steps_executed=n * CHUNK,
         )
 

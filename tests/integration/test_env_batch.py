@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
-from mani_skill.utils.structs.pose import Pose
+from _cube_moves import move_cube_off_plate, put_cube_on_plate
 
 from gsrl.tasks import LANGUAGE_INSTRUCTION
 from services.env_server.core import EnvBatch, scale_actions
@@ -31,16 +30,6 @@ def open_still(num_envs: int, chunk_len: int) -> np.ndarray:
     chunk = np.zeros((num_envs, chunk_len, 7), dtype=np.float32)
     chunk[..., 6] = 1.0
     return chunk
-
-
-def put_cube_on_plate(batch: EnvBatch, env_index: int) -> None:
-    """Teleport env ``env_index``'s cube to rest on its plate, so its next step is a success."""
-    task = batch._envs[env_index].unwrapped
-    plate = task.plate.pose
-    cube_z = plate.p[:, 2:] + task.plate_half_size[2] + task.cube_half_size
-    task.cube.set_pose(Pose.create_from_pq(torch.cat([plate.p[:, :2], cube_z], dim=1), plate.q))
-    task.cube.set_linear_velocity(torch.zeros(1, 3))
-    task.cube.set_angular_velocity(torch.zeros(1, 3))
 
 
 def test_spec_and_reset_shapes(batch: EnvBatch) -> None:
@@ -93,7 +82,7 @@ def test_termination_in_one_env_resets_only_that_env(batch: EnvBatch) -> None:
     np.testing.assert_array_equal(result.terminated, [True, False])
     assert not result.truncated.any()
     assert result.steps_executed == 1 + 3
-    assert result.episode_length[0] == 1 and result.episode_success_once[0]
+    assert result.episode_length[0] == 1 and result.episode_success_once[0] and result.episode_success_at_end[0]
     assert result.step_rewards[0, 0] == pytest.approx(1.0) and np.all(result.step_rewards[0, 1:] == 0)
     assert result.episode_return[0] == pytest.approx(1.0)
     assert not np.allclose(result.final_observations["state"][0], result.observations["state"][0])
@@ -111,6 +100,25 @@ def test_success_on_the_last_step_is_terminated_not_truncated(batch: EnvBatch) -
     result = batch.step_chunk(open_still(2, 1))  # step 4 of 4: time limit and success together
     np.testing.assert_array_equal(result.terminated, [False, True])
     np.testing.assert_array_equal(result.truncated, [True, False])
+
+
+def test_ignored_terminations_run_to_the_time_limit_and_tell_success_at_the_end() -> None:
+    """RLinf's evaluation setting: a success does not end the episode, and an episode that was a success once but not
+    at its last step (env 1: the cube leaves the plate) counts for success_once only."""
+    with EnvBatch(TASK, 2, max_episode_steps=4, seed=7, ignore_terminations=True) as batch:
+        batch.reset()
+        put_cube_on_plate(batch, 0)
+        put_cube_on_plate(batch, 1)
+        first = batch.step_chunk(open_still(2, 2))
+        assert not first.ended.any() and first.steps_executed == 4  # both succeeded, and both go on
+        assert np.all(first.step_rewards[:, 0] == pytest.approx(1.0))
+        move_cube_off_plate(batch, 1)
+        last = batch.step_chunk(open_still(2, 3))  # steps 3 and 4 of 4
+        np.testing.assert_array_equal(last.truncated, [True, True])
+        assert not last.terminated.any() and last.steps_executed == 4
+        np.testing.assert_array_equal(last.episode_length, [4, 4])
+        np.testing.assert_array_equal(last.episode_success_once, [True, True])
+        np.testing.assert_array_equal(last.episode_success_at_end, [True, False])
 
 
 @pytest.mark.parametrize(

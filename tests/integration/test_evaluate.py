@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from _cube_moves import move_cube_off_plate, put_cube_on_plate
 from safetensors.torch import save_file
+from torch import nn
 
 from gsrl.config import load_config
 from gsrl.policy import Policy
@@ -108,11 +111,62 @@ def test_main_loads_checkpoint_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     assert result["episode_returns"] == pytest.approx(expected.episode_returns, abs=1e-5)
     assert result["episode_returns"] != pytest.approx(fresh.episode_returns, abs=1e-5)
     assert report["layouts"] == "held-out" and report["layout_pool"] == 0
+    assert report["ignore_terminations"] is False and result["episode_success_at_end"] == [False, False]
     assert "2 episodes (deterministic, layouts held-out), success_once 0.0%" in capsys.readouterr().out
+
+    # RLinf's evaluation setting: the report says so and gives success at the end with its interval.
+    ignored = tmp_path / "eval" / "ignored.json"
+    assert main([*args[:-1], str(ignored), "--ignore-terminations", *OVERRIDES]) == 0
+    report = json.loads(ignored.read_text())
+    assert report["ignore_terminations"] is True
+    assert report["result"]["success_at_end_rate"] == 0.0 and report["success_at_end_ci95"][0] == 0.0
+    assert report["result"]["episode_returns"] == pytest.approx(expected.episode_returns, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "(deterministic, terminations ignored, layouts held-out)" in printed and "success_at_end 0.0%" in printed
 
     # The file itself works as --checkpoint too.
     file_args = ["--checkpoint", str(checkpoint / "model.safetensors"), "--episodes", "1", "--num-envs", "1"]
     assert main([*file_args, *OVERRIDES]) == 0
+
+
+class PlaceThenRemoveCube(nn.Module):
+    """Holds the arm still with the gripper open; before its first decision it puts env 0's cube on the plate, before
+    its second it takes it off again: env 0 succeeds at step 1 only, env 1 never."""
+
+    def __init__(self, batch: EnvBatch) -> None:
+        super().__init__()
+        self.batch = batch
+        self.calls = 0
+        self.anchor = nn.Parameter(torch.zeros(1))  # evaluate_policy places observations on the policy's device
+
+    def act(self, observations: dict, instructions: list[str], deterministic: bool) -> SimpleNamespace:
+        if self.calls == 0:
+            put_cube_on_plate(self.batch, 0)
+        elif self.calls == 1:
+            move_cube_off_plate(self.batch, 0)
+        self.calls += 1
+        chunk = torch.zeros(self.batch.num_envs, 1, self.batch.action_dim)
+        chunk[..., -1] = 1.0  # gripper open
+        return SimpleNamespace(action_chunk=chunk)
+
+
+@pytest.mark.parametrize("ignore_terminations", [False, True])
+def test_success_at_the_end_counts_only_where_terminations_are_ignored(ignore_terminations: bool) -> None:
+    """By default env 0's success ends its episode at step 1, so it is a success at the end as well; with RLinf's
+    ignore_terminations it runs on to the time limit without the cube on the plate: a success once, not at the end."""
+    with EnvBatch(TASK, 2, max_episode_steps=STEPS, seed=3, ignore_terminations=ignore_terminations) as envs:
+        result = evaluate_policy(PlaceThenRemoveCube(envs), envs, 2)
+    by_env = dict(
+        zip(
+            result.episode_envs,
+            zip(result.episode_success_once, result.episode_success_at_end, strict=True),
+            strict=True,
+        )
+    )
+    assert by_env == {0: (True, not ignore_terminations), 1: (False, False)}
+    lengths = dict(zip(result.episode_envs, result.episode_lengths, strict=True))
+    assert lengths == {0: STEPS if ignore_terminations else 1, 1: STEPS}
+    assert result.success_once_rate == 0.5 and result.success_at_end_rate == (0.0 if ignore_terminations else 0.5)
 
 
 def test_pool_evaluation_scores_the_training_layouts_and_held_out_ignores_the_pool(tmp_path: Path) -> None:

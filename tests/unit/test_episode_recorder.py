@@ -30,6 +30,7 @@ def chunk(value: int, ended: bool, length: int = 0) -> ChunkResult:
         episode_return=zeros,
         episode_length=np.array([length, 0], dtype=np.int32),
         episode_success_once=flags,
+        episode_success_at_end=flags,
         steps_executed=2,
     )
 
