@@ -438,7 +438,8 @@ class AlgoConfig:
     # activation memory (the whole 229M-parameter `small` VLA at 512 samples ran out of an H200's 141 GB).
     micro_batch_size: int = 0
     normalize_advantages: bool = True
-    # Stop the epochs early when approx_kl exceeds it; 0 = never. With several learner ranks the KL is averaged over
+    # Stop the epochs early, before the optimizer step whose minibatch shows an approx_kl above it (Stable-Baselines3;
+    # the first step of an update is always taken); 0 = never. With several learner ranks the KL is averaged over
     # them, so every rank stops at the same minibatch (their gradient all-reduces must pair up).
     target_kl: float = 0.0
     # Segments whose policy_version is more than this many versions behind the learner are dropped.

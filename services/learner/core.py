@@ -179,6 +179,13 @@ def _actor_held_still(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 class PPOLearnerCore:
     """Runs ``update_epochs`` x ``num_minibatches`` PPO steps on each batch of segments.
 
+    ``target_kl`` stops an update before the optimizer step whose minibatch shows the policy already further than
+    that from the rollouts' (the KL of that minibatch's forward pass), as Stable-Baselines3 does: the step that would
+    go past the limit is not taken. The first step of an update always is: its KL measures how stale the rollouts
+    are (an asynchronous learner trains on segments of earlier versions), not this update's drift, and refusing it
+    could stall training on stale data. With micro-batches the KL is measured before the backward passes, in a
+    forward pass without gradients over the minibatch (one more forward per step after the first).
+
     Data-parallel use: every rank must take the same number of optimizer steps or the gradient
     all-reduce deadlocks. Each rank therefore needs at least ``num_minibatches`` samples, and the
     ``target_kl`` early stop is decided on the KL averaged over ranks through ``all_reduce_sum``
@@ -240,13 +247,14 @@ class PPOLearnerCore:
         for _ in range(algo.update_epochs):
             perm = torch.randperm(batch.size, generator=self.generator)
             for idx in torch.tensor_split(perm, algo.num_minibatches):
-                metrics = self._minibatch_step(batch, advantages, idx, device, critic_only)
+                kl_limit = algo.target_kl if algo.target_kl > 0 and steps > 0 else None
+                metrics = self._minibatch_step(batch, advantages, idx, device, critic_only, kl_limit)
+                if metrics is None:  # the policy is already target_kl away: no more steps on this batch
+                    stop = True
+                    break
                 for key, value in metrics.items():
                     sums[key] += value
                 steps += 1
-                if algo.target_kl > 0 and self._mean_across_ranks(metrics["actor/approx_kl"]) > algo.target_kl:
-                    stop = True
-                    break
             if stop:
                 break
 
@@ -267,19 +275,46 @@ class PPOLearnerCore:
         return out
 
     def _minibatch_step(
-        self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device, critic_only: bool = False
-    ) -> dict[str, float]:
+        self,
+        batch: RolloutBatch,
+        advantages: Tensor,
+        idx: Tensor,
+        device: torch.device,
+        critic_only: bool = False,
+        kl_limit: float | None = None,
+    ) -> dict[str, float] | None:
         """One optimizer step on the samples ``idx``, in micro-batches of ``algo.micro_batch_size`` when set.
 
         Every loss term is a mean over samples, so weighting each micro-batch's loss by its share of the minibatch
         makes the accumulated gradient the whole minibatch's; the metrics are weighted the same way.
+
+        ``kl_limit``: no step, and None returned, when the minibatch's approximate KL (averaged over ranks) exceeds
+        it; it is measured before any backward pass, so nothing is accumulated or reduced for a step not taken.
         """
         micro = self.algo.micro_batch_size
         parts = list(torch.split(idx, micro)) if 0 < micro < len(idx) else [idx]
+        first: tuple[Tensor, Tensor] | None = None
+        if kl_limit is not None:
+            if len(parts) == 1:  # the forward pass the step needs anyway measures the KL
+                first = self._micro_batch_loss(batch, advantages, idx, device, critic_only)
+                kl = float(first[1][3])
+            else:  # micro-batches backpropagate as they go: measure the whole minibatch first, without gradients
+                with torch.no_grad():
+                    kl = sum(
+                        float(self._micro_batch_loss(batch, advantages, part, device, critic_only)[1][3])
+                        * len(part)
+                        / len(idx)
+                        for part in parts
+                    )
+            if self._mean_across_ranks(kl) > kl_limit:
+                return None
         totals: Tensor | None = None
         for number, part in enumerate(parts):
             share = len(part) / len(idx)
-            loss, scalars = self._micro_batch_loss(batch, advantages, part, device, critic_only)
+            if first is not None:
+                (loss, scalars), first = first, None
+            else:
+                loss, scalars = self._micro_batch_loss(batch, advantages, part, device, critic_only)
             self.engine.backward(loss * share, last=number == len(parts) - 1)
             totals = scalars * share if totals is None else totals + scalars * share
         grad_norm = self.engine.step()

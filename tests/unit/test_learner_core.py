@@ -115,6 +115,54 @@ def test_target_kl_stops_early() -> None:
     assert metrics["actor/num_minibatch_steps"] < 40
 
 
+def _one_update(algo: AlgoConfig) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """One update of a fresh policy (same init, same data, same shuffles) with ``algo``; its metrics and weights."""
+    policy = _policy()
+    core = PPOLearnerCore(
+        policy,
+        TorchEngine(policy.parameters(), lr=algo.lr, max_grad_norm=0.0),
+        algo,
+        generator=torch.Generator().manual_seed(0),
+    )
+    metrics = core.update(_random_segments(policy, torch.Generator().manual_seed(3)))
+    return metrics, [p.detach().clone() for p in policy.parameters()]
+
+
+@pytest.mark.parametrize("micro_batch_size", [0, 5])
+def test_the_step_that_would_pass_target_kl_is_not_taken(micro_batch_size: int) -> None:
+    """After one large step every minibatch shows a KL far above the limit: the update ends with exactly that step
+    (the first always goes), not with a second one on top, whether the minibatch runs in one pass or in micro-batches
+    (whose KL is measured before their backward passes)."""
+    stopped, weights = _one_update(
+        AlgoConfig(update_epochs=10, num_minibatches=1, lr=0.05, target_kl=1e-6, micro_batch_size=micro_batch_size)
+    )
+    assert stopped["actor/early_stopped"] == 1.0 and stopped["actor/num_minibatch_steps"] == 1
+    _, one_step = _one_update(AlgoConfig(update_epochs=1, num_minibatches=1, lr=0.05))
+    for got, want in zip(weights, one_step, strict=True):
+        torch.testing.assert_close(got, want)
+    # Without a limit the same update takes all 10 steps.
+    free, _ = _one_update(AlgoConfig(update_epochs=10, num_minibatches=1, lr=0.05, micro_batch_size=micro_batch_size))
+    assert free["actor/num_minibatch_steps"] == 10 and free["actor/early_stopped"] == 0.0
+
+
+def test_the_first_step_goes_even_on_stale_rollouts() -> None:
+    """Rollouts from an older policy (here: the behaviour log-probs shifted) have a KL above the limit before any
+    step; the update still takes its first step, so training cannot stall on a lagging stream."""
+    policy = _policy()
+    segments = _random_segments(policy, torch.Generator().manual_seed(3))
+    for seg in segments:
+        seg.logprobs = seg.logprobs - 1.0  # every ratio e: approx KL about 0.72 from the first forward pass
+    core = PPOLearnerCore(
+        policy,
+        TorchEngine(policy.parameters(), lr=1e-3, max_grad_norm=1.0),
+        AlgoConfig(update_epochs=4, num_minibatches=2, target_kl=0.1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    metrics = core.update(segments)
+    assert metrics["actor/num_minibatch_steps"] == 1 and metrics["actor/early_stopped"] == 1.0
+    assert metrics["actor/approx_kl"] > 0.1
+
+
 def test_target_kl_decides_on_the_kl_averaged_over_ranks() -> None:
     """A data-parallel rank stops when the ranks' mean KL passes target_kl, even if its own KL never does: every rank
     must take the same number of optimizer steps, or their gradient all-reduces stop pairing up."""
