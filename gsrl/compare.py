@@ -8,6 +8,9 @@ checkpoint solved. McNemar's exact test on those discordant episodes is the test
 more often" that uses this pairing; it is much tighter than the two intervals' overlap when both checkpoints solve
 the same easy layouts. Several report pairs (``--base a b --new c d``: a with c, b with d) pool their episodes, e.g.
 the default eval seed plus ``run.seed=1``.
+
+``--metric success_at_end`` pairs the episodes' success at their last step instead, for reports made with
+``gsrl eval --ignore-terminations`` (RLinf's evaluation setting; without it the two metrics are the same).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What must match for two reports to have run the same episodes.
-PROTOCOL_KEYS = ("task", "seed", "num_envs", "layouts", "layout_pool", "deterministic")
+PROTOCOL_KEYS = ("task", "seed", "num_envs", "layouts", "layout_pool", "deterministic", "ignore_terminations")
+# The value of a key that reports written before it existed did not have.
+PROTOCOL_DEFAULTS = {"ignore_terminations": False}
+METRICS = ("success_once", "success_at_end")
 
 
 class CompareError(ValueError):
@@ -81,29 +87,30 @@ def load_report(path: Path) -> dict:
     return report
 
 
-def _episode_successes(report: dict, path: Path) -> dict[tuple[int, int], bool]:
+def _episode_successes(report: dict, path: Path, metric: str) -> dict[tuple[int, int], bool]:
     result = report["result"]
-    if "episode_success_once" not in result:
-        raise CompareError(f"{path}: no per-episode successes (result.episode_success_once)")
+    field = f"episode_{metric}"
+    if field not in result:
+        raise CompareError(f"{path}: no per-episode successes (result.{field})")
     try:
         keys = list(zip(result["episode_envs"], result["episode_numbers"], strict=True))
-        successes = dict(zip(keys, (bool(s) for s in result["episode_success_once"]), strict=True))
+        successes = dict(zip(keys, (bool(s) for s in result[field]), strict=True))
     except ValueError:
-        raise CompareError(f"{path}: its per-episode lists (envs, numbers, success_once) differ in length") from None
+        raise CompareError(f"{path}: its per-episode lists (envs, numbers, {metric}) differ in length") from None
     if len(successes) != len(keys):
         raise CompareError(f"{path}: an (env, number) key repeats")
     return successes
 
 
-def compare_pair(base_path: Path, new_path: Path) -> tuple[list[bool], list[bool]]:
+def compare_pair(base_path: Path, new_path: Path, metric: str = "success_once") -> tuple[list[bool], list[bool]]:
     """The two reports' successes, episode by episode in one order; CompareError if they ran other episodes."""
     base, new = load_report(base_path), load_report(new_path)
     for key in PROTOCOL_KEYS:
-        if base.get(key) != new.get(key):
-            raise CompareError(
-                f"{base_path} and {new_path} ran other episodes: {key} {base.get(key)!r} vs {new.get(key)!r}"
-            )
-    base_success, new_success = _episode_successes(base, base_path), _episode_successes(new, new_path)
+        base_value, new_value = (r.get(key, PROTOCOL_DEFAULTS.get(key)) for r in (base, new))
+        if base_value != new_value:
+            raise CompareError(f"{base_path} and {new_path} ran other episodes: {key} {base_value!r} vs {new_value!r}")
+    base_success = _episode_successes(base, base_path, metric)
+    new_success = _episode_successes(new, new_path, metric)
     if base_success.keys() != new_success.keys():
         raise CompareError(
             f"{base_path} ({len(base_success)} episodes) and {new_path} ({len(new_success)}) ran other episodes"
@@ -112,13 +119,17 @@ def compare_pair(base_path: Path, new_path: Path) -> tuple[list[bool], list[bool
     return [base_success[k] for k in order], [new_success[k] for k in order]
 
 
-def compare(base_paths: Sequence[Path], new_paths: Sequence[Path]) -> PairedComparison:
+def compare(base_paths: Sequence[Path], new_paths: Sequence[Path], metric: str = "success_once") -> PairedComparison:
+    """The reports paired as ``base_paths[i]`` with ``new_paths[i]``, their episodes pooled; ``metric`` one of
+    ``METRICS``."""
+    if metric not in METRICS:
+        raise CompareError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
     if len(base_paths) != len(new_paths) or not base_paths:
         raise CompareError(f"--base and --new need as many reports each, got {len(base_paths)} and {len(new_paths)}")
     base: list[bool] = []
     new: list[bool] = []
     for base_path, new_path in zip(base_paths, new_paths, strict=True):
-        b, n = compare_pair(base_path, new_path)
+        b, n = compare_pair(base_path, new_path, metric)
         base += b
         new += n
     return PairedComparison(
@@ -137,15 +148,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "gsrl compare") -> int:
     )
     parser.add_argument("--base", nargs="+", type=Path, required=True, help="eval --json reports of the baseline")
     parser.add_argument("--new", nargs="+", type=Path, required=True, help="the other checkpoint's, in the same order")
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="success_once",
+        help="what counts as a solved episode: a success at any step (default), or at the last one (reports of "
+        "gsrl eval --ignore-terminations)",
+    )
     args = parser.parse_args(argv)
     try:
-        result = compare(args.base, args.new)
+        result = compare(args.base, args.new, args.metric)
     except CompareError as exc:
         parser.error(str(exc))
     low, high = result.difference_ci95()
     n = result.episodes
+    metric = "" if args.metric == "success_once" else f" ({args.metric})"  # the default line reads as it always has
     print(
-        f"{n} paired episodes: base {result.base_successes}/{n} = {100 * result.base_successes / n:.1f}% -> "
+        f"{n} paired episodes{metric}: base {result.base_successes}/{n} = {100 * result.base_successes / n:.1f}% -> "
         f"new {result.new_successes}/{n} = {100 * result.new_successes / n:.1f}%, "
         f"difference {100 * result.difference:+.1f} points (95% CI {100 * low:+.1f} to {100 * high:+.1f}); "
         f"solved by new only {result.new_only}, by base only {result.base_only}; "

@@ -15,14 +15,23 @@ from gsrl.compare import CompareError, binomial_two_sided_p, compare, main
 PROTOCOL = {"task": "T", "seed": 7, "num_envs": 2, "layouts": "held-out", "layout_pool": 0, "deterministic": True}
 
 
-def write_report(path: Path, successes: dict[tuple[int, int], bool], shuffle_seed: int | None = None, **protocol):
-    """A gsrl eval --json report whose episodes ended in a shuffled order (as different policies' episodes do)."""
+def write_report(
+    path: Path,
+    successes: dict[tuple[int, int], bool],
+    shuffle_seed: int | None = None,
+    at_end: dict[tuple[int, int], bool] | None = None,
+    **protocol,
+):
+    """A gsrl eval --json report whose episodes ended in a shuffled order (as different policies' episodes do);
+    ``at_end``: each episode's success at its last step (default: ``successes``, as without ignore_terminations)."""
     keys = sorted(successes)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(keys)
+    at_end = successes if at_end is None else at_end
     result = {
         "episodes": len(keys),
         "episode_success_once": [successes[k] for k in keys],
+        "episode_success_at_end": [at_end[k] for k in keys],
         "episode_envs": [k[0] for k in keys],
         "episode_numbers": [k[1] for k in keys],
     }
@@ -79,13 +88,38 @@ def test_mcnemar_exact_p_values() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("seed", 8), ("num_envs", 4), ("layouts", "pool"), ("deterministic", False)]
+    ("field", "value"),
+    [("seed", 8), ("num_envs", 4), ("layouts", "pool"), ("deterministic", False), ("ignore_terminations", True)],
 )
 def test_reports_of_other_episodes_are_refused_naming_what_differs(tmp_path: Path, field: str, value: object) -> None:
     base = write_report(tmp_path / "b.json", episodes("1100"))
     new = write_report(tmp_path / "n.json", episodes("1100"), **{field: value})
     with pytest.raises(CompareError, match=field):
         compare([base], [new])
+
+
+def test_success_at_the_end_pairs_the_last_steps_and_old_reports_count_as_terminating(tmp_path: Path) -> None:
+    """Reports of gsrl eval --ignore-terminations: --metric success_at_end pairs what each episode ended with. A report
+    written before ignore_terminations was recorded ran with terminations, so it pairs with one that says False."""
+    ignored = {"ignore_terminations": True}
+    base = write_report(tmp_path / "b.json", episodes("1100"), at_end=episodes("1000"), **ignored)
+    new = write_report(tmp_path / "n.json", episodes("1110"), at_end=episodes("0110"), **ignored)
+    once = compare([base], [new])
+    assert (once.base_successes, once.new_successes, once.new_only, once.base_only) == (2, 3, 1, 0)
+    at_end = compare([base], [new], metric="success_at_end")
+    assert (at_end.base_successes, at_end.new_successes, at_end.new_only, at_end.base_only) == (1, 2, 2, 1)
+    with pytest.raises(CompareError, match="unknown metric 'success'"):
+        compare([base], [new], metric="success")
+
+    older = tmp_path / "older.json"
+    report = json.loads(write_report(older, episodes("1100")).read_text())
+    assert "ignore_terminations" not in report  # PROTOCOL has no such key, like reports written before it
+    del report["result"]["episode_success_at_end"]
+    older.write_text(json.dumps(report))
+    terminating = write_report(tmp_path / "t.json", episodes("0110"), ignore_terminations=False)
+    assert compare([older], [terminating]).new_only == 1
+    with pytest.raises(CompareError, match="no per-episode successes"):
+        compare([older], [terminating], metric="success_at_end")
 
 
 def test_other_episode_counts_and_keyless_reports_are_refused(tmp_path: Path) -> None:
@@ -112,6 +146,8 @@ def test_cli_prints_the_comparison_and_reports_errors(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "10 paired episodes: base 4/10 = 40.0% -> new 7/10 = 70.0%, difference +30.0 points" in out
     assert "by new only 4, by base only 1" in out
+    assert gsrl_main(["compare", "--base", str(base), "--new", str(new), "--metric", "success_at_end"]) == 0
+    assert "10 paired episodes (success_at_end): base 4/10" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:
         main(["--base", str(base), "--new", str(tmp_path / "missing.json")])
     assert exited.value.code == 2 and "missing.json: no such file" in capsys.readouterr().err
