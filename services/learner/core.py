@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -157,6 +157,12 @@ def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutB
     )
 
 
+class _StepRefused(NamedTuple):
+    """A minibatch step not taken: its approximate KL (averaged over ranks) was above ``target_kl``."""
+
+    approx_kl: float
+
+
 @contextmanager
 def _actor_held_still(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """The param groups named "actor" (``services.learner.engine.param_groups``) at lr 0 inside, restored after.
@@ -243,19 +249,19 @@ class PPOLearnerCore:
         device = self._device()
         sums: dict[str, float] = defaultdict(float)
         steps = 0
-        stop = False
+        stop: _StepRefused | None = None
         for _ in range(algo.update_epochs):
             perm = torch.randperm(batch.size, generator=self.generator)
             for idx in torch.tensor_split(perm, algo.num_minibatches):
                 kl_limit = algo.target_kl if algo.target_kl > 0 and steps > 0 else None
                 metrics = self._minibatch_step(batch, advantages, idx, device, critic_only, kl_limit)
-                if metrics is None:  # the policy is already target_kl away: no more steps on this batch
-                    stop = True
+                if isinstance(metrics, _StepRefused):  # the policy is already target_kl away: no more steps
+                    stop = metrics
                     break
                 for key, value in metrics.items():
                     sums[key] += value
                 steps += 1
-            if stop:
+            if stop is not None:
                 break
 
         out = {key: value / steps for key, value in sums.items()}
@@ -268,10 +274,12 @@ class PPOLearnerCore:
                 "actor/explained_variance": explained_variance(batch.old_values, batch.returns),
                 "actor/num_samples": float(batch.size),
                 "actor/num_minibatch_steps": float(steps),
-                "actor/early_stopped": float(stop),
+                "actor/early_stopped": float(stop is not None),
                 "actor/critic_only": float(critic_only),
             }
         )
+        if stop is not None:  # what stopped it (the steps' own approx_kl mean leaves it out); only on such updates
+            out["actor/stopping_approx_kl"] = stop.approx_kl
         return out
 
     def _minibatch_step(
@@ -282,14 +290,14 @@ class PPOLearnerCore:
         device: torch.device,
         critic_only: bool = False,
         kl_limit: float | None = None,
-    ) -> dict[str, float] | None:
+    ) -> dict[str, float] | _StepRefused:
         """One optimizer step on the samples ``idx``, in micro-batches of ``algo.micro_batch_size`` when set.
 
         Every loss term is a mean over samples, so weighting each micro-batch's loss by its share of the minibatch
         makes the accumulated gradient the whole minibatch's; the metrics are weighted the same way.
 
-        ``kl_limit``: no step, and None returned, when the minibatch's approximate KL (averaged over ranks) exceeds
-        it; it is measured before any backward pass, so nothing is accumulated or reduced for a step not taken.
+        ``kl_limit``: no step, and ``_StepRefused`` returned, when the minibatch's approximate KL (averaged over ranks)
+        exceeds it; it is measured before any backward pass, so nothing is accumulated or reduced for a step not taken.
         """
         micro = self.algo.micro_batch_size
         parts = list(torch.split(idx, micro)) if 0 < micro < len(idx) else [idx]
@@ -306,8 +314,9 @@ class PPOLearnerCore:
                         / len(idx)
                         for part in parts
                     )
-            if self._mean_across_ranks(kl) > kl_limit:
-                return None
+            mean_kl = self._mean_across_ranks(kl)
+            if mean_kl > kl_limit:
+                return _StepRefused(mean_kl)
         totals: Tensor | None = None
         for number, part in enumerate(parts):
             share = len(part) / len(idx)

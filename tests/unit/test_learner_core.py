@@ -137,12 +137,14 @@ def test_the_step_that_would_pass_target_kl_is_not_taken(micro_batch_size: int) 
         AlgoConfig(update_epochs=10, num_minibatches=1, lr=0.05, target_kl=1e-6, micro_batch_size=micro_batch_size)
     )
     assert stopped["actor/early_stopped"] == 1.0 and stopped["actor/num_minibatch_steps"] == 1
+    assert stopped["actor/stopping_approx_kl"] > 1e-6 and stopped["actor/approx_kl"] < 1e-6  # the one step's: on-policy
     _, one_step = _one_update(AlgoConfig(update_epochs=1, num_minibatches=1, lr=0.05))
     for got, want in zip(weights, one_step, strict=True):
         torch.testing.assert_close(got, want)
     # Without a limit the same update takes all 10 steps.
     free, _ = _one_update(AlgoConfig(update_epochs=10, num_minibatches=1, lr=0.05, micro_batch_size=micro_batch_size))
     assert free["actor/num_minibatch_steps"] == 10 and free["actor/early_stopped"] == 0.0
+    assert "actor/stopping_approx_kl" not in free
 
 
 def test_the_first_step_goes_even_on_stale_rollouts() -> None:
