@@ -157,6 +157,19 @@ def build_rollout_batch(segments: list[Segment], algo: AlgoSettings) -> RolloutB
     )
 
 
+# The scalars ``_micro_batch_loss`` stacks, in its order.
+MINIBATCH_METRICS = (
+    "actor/loss",
+    "actor/policy_loss",
+    "actor/value_loss",
+    "actor/approx_kl",
+    "actor/pg_clipfrac",
+    "actor/value_clip_ratio",
+    "actor/entropy",
+)
+_APPROX_KL = MINIBATCH_METRICS.index("actor/approx_kl")
+
+
 class _StepRefused(NamedTuple):
     """A minibatch step not taken: its approximate KL (averaged over ranks) was above ``target_kl``."""
 
@@ -305,11 +318,11 @@ class PPOLearnerCore:
         if kl_limit is not None:
             if len(parts) == 1:  # the forward pass the step needs anyway measures the KL
                 first = self._micro_batch_loss(batch, advantages, idx, device, critic_only)
-                kl = float(first[1][3])
+                kl = float(first[1][_APPROX_KL])
             else:  # micro-batches backpropagate as they go: measure the whole minibatch first, without gradients
                 with torch.no_grad():
                     kl = sum(
-                        float(self._micro_batch_loss(batch, advantages, part, device, critic_only)[1][3])
+                        float(self._micro_batch_loss(batch, advantages, part, device, critic_only)[1][_APPROX_KL])
                         * len(part)
                         / len(idx)
                         for part in parts
@@ -320,22 +333,20 @@ class PPOLearnerCore:
         totals: Tensor | None = None
         for number, part in enumerate(parts):
             share = len(part) / len(idx)
-            if first is not None:
-                (loss, scalars), first = first, None
+            if first is not None:  # one part, already through its forward pass
+                loss, scalars = first
             else:
                 loss, scalars = self._micro_batch_loss(batch, advantages, part, device, critic_only)
             self.engine.backward(loss * share, last=number == len(parts) - 1)
             totals = scalars * share if totals is None else totals + scalars * share
         grad_norm = self.engine.step()
-        names = ("actor/loss", "actor/policy_loss", "actor/value_loss", "actor/approx_kl")
-        names += ("actor/pg_clipfrac", "actor/value_clip_ratio", "actor/entropy")
         # One device-to-host copy for all scalars instead of one sync per metric.
-        return {**dict(zip(names, totals.tolist(), strict=True)), "actor/grad_norm": float(grad_norm)}
+        return {**dict(zip(MINIBATCH_METRICS, totals.tolist(), strict=True)), "actor/grad_norm": float(grad_norm)}
 
     def _micro_batch_loss(
         self, batch: RolloutBatch, advantages: Tensor, idx: Tensor, device: torch.device, critic_only: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """The PPO loss on the samples ``idx`` (means over them), and its seven metrics stacked, detached.
+        """The PPO loss on the samples ``idx`` (means over them), and its ``MINIBATCH_METRICS`` stacked, detached.
 
         ``critic_only``: the value term alone (the policy and entropy terms are still measured)."""
         algo = self.algo
